@@ -1,0 +1,19 @@
+"""ComfyUI-ACT's math core: Activation Transport (AcT, Linear-AcT) in pure PyTorch.
+
+No ComfyUI import here: fit maps from pooled activations, apply them with a strength, fold them into
+norm weights, and read/write the safetensors maps file, from any script or host.
+
+    maps = TransportMaps({name: fit_layer(source[name], target[name]) for name in source},
+                         info={"family": "SD15", "method": "linear"})
+    save_maps(maps, "watercolor.safetensors")
+    y = load_maps("watercolor.safetensors")[name].apply(x, strength=0.7)
+"""
+from .estimators import METHODS, SUPPORTS, AffineFit, fit_affine, quantile_pairing, sorted_pairs, support_bounds, wasserstein1
+from .fileformat import FORMAT_VERSION, MapsFileError, load_maps, maps_from_bytes, maps_to_bytes, save_maps
+from .maps import LayerMap, TransportMaps, check_strength, fit_layer
+
+__all__ = [
+    "METHODS", "SUPPORTS", "AffineFit", "fit_affine", "quantile_pairing", "sorted_pairs", "support_bounds",
+    "wasserstein1", "FORMAT_VERSION", "MapsFileError", "load_maps", "maps_from_bytes", "maps_to_bytes",
+    "save_maps", "LayerMap", "TransportMaps", "check_strength", "fit_layer",
+]

@@ -1,0 +1,198 @@
+"""The maps file: safetensors (no pickle, no code) with JSON metadata.
+
+Layout, format version 1:
+    tensors   "<layer>/scale", "<layer>/shift", "<layer>/lo", "<layer>/hi", float32 [D] each
+    metadata  "format":         "comfyui-act-maps"
+              "format_version": "1"
+              "layers":         JSON {layer: {"dim": D, "kind": "token"|"conv", "degenerate": n}}
+              "info":           JSON object (see TransportMaps.info)
+              "strength":       a sentence on lambda's meaning, for people reading the header
+
+Writing is atomic: a temporary file in the same folder, flushed to disk, then renamed over the
+target, so a crash never leaves a half-written maps file. Reading checks the header by hand before
+any tensor is built, so a truncated, corrupted, foreign or newer file fails with a MapsFileError
+that names the file and the problem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .maps import KINDS, LayerMap, TransportMaps
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MapsFileError", "save_maps", "load_maps", "maps_to_bytes", "maps_from_bytes"]
+
+FORMAT = "comfyui-act-maps"
+FORMAT_VERSION = 1
+STRENGTH_SEMANTICS = ("0 = untouched; 1 = activations moved onto the target distribution; in between = "
+                      "linear interpolation; > 1 extrapolates; < 0 applies the inverse map")
+FIELDS = ("scale", "shift", "lo", "hi")
+# A maps file holds a few floats per neuron: even every neuron of a large UNet stays far below this.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+
+class MapsFileError(ValueError):
+    """A maps file that cannot be used; the message names the file and what is wrong."""
+
+
+def maps_to_bytes(maps: TransportMaps) -> bytes:
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    for name, layer in maps.layers.items():
+        if "/" in name:
+            raise ValueError(f"layer name {name!r} may not contain '/'")
+        for key in FIELDS:
+            tensors[f"{name}/{key}"] = getattr(layer, key).contiguous()
+        layers[name] = {"dim": layer.dim, "kind": layer.kind, "degenerate": int(layer.degenerate)}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "layers": json.dumps(layers),
+        "info": json.dumps(maps.info, sort_keys=True),
+        "strength": STRENGTH_SEMANTICS,
+    }
+    return save_safetensors_bytes(tensors, metadata=metadata)
+
+
+def save_maps(maps: TransportMaps, path: str | os.PathLike) -> Path:
+    """Write maps to path atomically (temporary file + rename). Returns the path written."""
+    path = Path(path)
+    data = maps_to_bytes(maps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_maps(path: str | os.PathLike) -> TransportMaps:
+    """Read and validate a maps file. Raises MapsFileError naming the file and the problem."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MapsFileError(f"maps file {path} does not exist") from None
+    except OSError as error:
+        raise MapsFileError(f"maps file {path} cannot be read: {error.strerror or error}") from None
+    return maps_from_bytes(data, source=str(path))
+
+
+def _fail(source: str, problem: str) -> MapsFileError:
+    return MapsFileError(f"{source} is not a usable ComfyUI-ACT maps file: {problem}")
+
+
+def _read_header(data: bytes, source: str) -> dict:
+    if len(data) < 8:
+        raise _fail(source, f"it is {len(data)} bytes long, too short for a safetensors header (truncated?)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES or header_len > len(data) - 8:
+        raise _fail(source, f"its header claims {header_len} bytes but the file holds {len(data) - 8} after the "
+                            "length field (truncated, or not a safetensors file)")
+    try:
+        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _fail(source, "its header is not UTF-8 text (corrupted, or not a safetensors file)") from None
+    except json.JSONDecodeError as error:
+        raise _fail(source, f"its header is not valid JSON ({error.msg}; corrupted or truncated)") from None
+    if not isinstance(header, dict):
+        raise _fail(source, "its header is not a JSON object")
+    return header
+
+
+def _check_tensor_entries(header: dict, payload: int, source: str) -> None:
+    """Every tensor must be float32 [D] with offsets inside the file, before safetensors reads it."""
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise _fail(source, f"tensor {key!r} has a malformed entry")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype != "F32":
+            raise _fail(source, f"tensor {key!r} is {dtype}, expected F32")
+        if (not isinstance(shape, list) or len(shape) != 1 or not isinstance(shape[0], int)
+                or isinstance(shape[0], bool) or shape[0] < 0):
+            raise _fail(source, f"tensor {key!r} has shape {shape!r}, expected [neurons]")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise _fail(source, f"tensor {key!r} has malformed data offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end <= payload or end - begin != 4 * shape[0]:
+            raise _fail(source, f"tensor {key!r} points outside the file or has the wrong size (truncated?)")
+
+
+def _metadata(header: dict, source: str) -> dict:
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise _fail(source, "it carries no 'format: comfyui-act-maps' metadata (is it a model, LoRA or "
+                            "embedding file? Load those with ComfyUI's own loaders)")
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise _fail(source, f"its format_version {metadata.get('format_version')!r} is not a number") from None
+    if version > FORMAT_VERSION:
+        raise _fail(source, f"it was written in format version {version}, newer than this ComfyUI-ACT reads "
+                            f"({FORMAT_VERSION}); update the ComfyUI-ACT node pack")
+    if version < 1:
+        raise _fail(source, f"its format_version {version} is not valid")
+    return metadata
+
+
+def _json_field(metadata: dict, key: str, source: str) -> dict:
+    try:
+        value = json.loads(metadata.get(key, ""))
+    except (json.JSONDecodeError, TypeError):
+        raise _fail(source, f"its '{key}' metadata is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise _fail(source, f"its '{key}' metadata is not a JSON object")
+    return value
+
+
+def maps_from_bytes(data: bytes, source: str = "<bytes>") -> TransportMaps:
+    header = _read_header(data, source)
+    metadata = _metadata(header, source)
+    layer_specs = _json_field(metadata, "layers", source)
+    info = _json_field(metadata, "info", source)
+    header_len = struct.unpack("<Q", data[:8])[0]
+    _check_tensor_entries(header, len(data) - 8 - header_len, source)
+
+    expected = {f"{name}/{key}" for name in layer_specs for key in FIELDS}
+    present = set(header) - {"__metadata__"}
+    if present != expected:
+        missing, extra = sorted(expected - present)[:3], sorted(present - expected)[:3]
+        raise _fail(source, f"its tensors do not match its layer list (missing {missing}, unexpected {extra})")
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as error:  # the safetensors parser's own errors are of several types
+        raise _fail(source, f"safetensors could not read it ({error})") from None
+
+    layers: dict[str, LayerMap] = {}
+    for name, spec in layer_specs.items():
+        if not isinstance(spec, dict) or spec.get("kind") not in KINDS or not isinstance(spec.get("dim"), int):
+            raise _fail(source, f"layer {name!r} has a malformed description {spec!r}")
+        values = {key: tensors[f"{name}/{key}"] for key in FIELDS}
+        if any(v.shape != (spec["dim"],) for v in values.values()):
+            raise _fail(source, f"layer {name!r} declares {spec['dim']} neurons but its tensors have "
+                                f"{sorted({tuple(v.shape) for v in values.values()})}")
+        if not (torch.isfinite(values["scale"]).all() and torch.isfinite(values["shift"]).all()):
+            raise _fail(source, f"layer {name!r} has NaN or infinite scale/shift values")
+        if torch.isnan(values["lo"]).any() or torch.isnan(values["hi"]).any() or (values["lo"] > values["hi"]).any():
+            raise _fail(source, f"layer {name!r} has an invalid support range (NaN, or lo > hi)")
+        degenerate = spec.get("degenerate", 0)
+        layers[name] = LayerMap(**values, kind=spec["kind"],
+                                degenerate=degenerate if isinstance(degenerate, int) else 0)
+    return TransportMaps(layers, info)
+

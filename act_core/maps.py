@@ -1,0 +1,203 @@
+"""Transport maps for one layer and for a whole model, and how they act on activations.
+
+Strength semantics (lambda, any finite real number):
+    lambda = 0      the identity, bit for bit (the input tensor itself is returned);
+    lambda in (0,1] z' = (1 - lambda) z + lambda T(z) = z + lambda ((scale - 1) z + shift);
+    lambda > 1      extrapolates along the same line;
+    lambda < 0      the inverse map T^-1(z) = (z - shift) / scale with strength |lambda|
+                    ("take the learned change away").
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .estimators import fit_affine, support_bounds
+
+__all__ = ["LayerMap", "TransportMaps", "fit_layer", "check_strength", "LayerKind"]
+
+LayerKind = Literal["token", "conv"]
+KINDS = ("token", "conv")
+# Below this |scale| the affine map squeezes a neuron to (almost) a point and has no usable inverse.
+_INVERTIBLE_SCALE_FLOOR = 1e-6
+
+
+def check_strength(strength: float) -> float:
+    strength = float(strength)
+    if not math.isfinite(strength):
+        raise ValueError(f"strength must be a finite number, got {strength}")
+    return strength
+
+
+@dataclass(eq=False)
+class LayerMap:
+    """The per-neuron affine transport of one layer's output.
+
+    scale, shift: [D] float32, T(z) = scale * z + shift.
+    lo, hi:       [D] float32, inclusive support: the map acts where lo <= z <= hi
+                  (-inf/+inf: everywhere).
+    kind:         "token" for outputs shaped [..., D] (each element is mapped and gated on its own);
+                  "conv" for outputs shaped [B, D, H, W] (only the per-channel spatial mean moves,
+                  gated on that mean; spatial detail is kept).
+    degenerate:   how many neurons were left as the identity when fitting.
+    """
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    kind: LayerKind = "token"
+    degenerate: int = 0
+    _device_cache: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown layer kind {self.kind!r}; expected one of {KINDS}")
+        dims = {tuple(t.shape) for t in (self.scale, self.shift, self.lo, self.hi)}
+        if len(dims) != 1 or len(next(iter(dims))) != 1:
+            raise ValueError(f"scale, shift, lo and hi must share one shape [D], got {sorted(dims)}")
+        self.scale, self.shift, self.lo, self.hi = (
+            t.detach().to(torch.float32).contiguous() for t in (self.scale, self.shift, self.lo, self.hi))
+
+    @property
+    def dim(self) -> int:
+        return self.scale.shape[0]
+
+    @property
+    def gated(self) -> bool:
+        """Whether any neuron has a finite support bound (the map cannot fold into weights then)."""
+        return bool(torch.isfinite(self.lo).any() or torch.isfinite(self.hi).any())
+
+    def inverse(self) -> "LayerMap":
+        """T^-1(z) = (z - shift) / scale, acting on the image of the support under T.
+
+        Neurons that T squeezes to a point (|scale| < 1e-6) have no inverse and stay unmoved.
+        """
+        invertible = self.scale.abs() >= _INVERTIBLE_SCALE_FLOOR
+        safe_scale = torch.where(invertible, self.scale, torch.ones_like(self.scale))
+        scale = torch.where(invertible, 1.0 / safe_scale, torch.ones_like(self.scale))
+        shift = torch.where(invertible, -self.shift / safe_scale, torch.zeros_like(self.shift))
+        with torch.no_grad():
+            ends = torch.stack([self.scale * self.lo + self.shift, self.scale * self.hi + self.shift])
+        # An infinite bound times scale stays infinite (scale is nonzero where invertible).
+        lo = torch.where(invertible, ends.amin(0), torch.full_like(self.lo, -math.inf))
+        hi = torch.where(invertible, ends.amax(0), torch.full_like(self.hi, math.inf))
+        lo = torch.where(torch.isnan(lo), torch.full_like(lo, -math.inf), lo)
+        hi = torch.where(torch.isnan(hi), torch.full_like(hi, math.inf), hi)
+        return LayerMap(scale, shift, lo, hi, self.kind, self.degenerate)
+
+    def _params(self, like: torch.Tensor, strength: float) -> tuple:
+        """(slope, offset, lo, hi) on like's device/dtype, with the inverse taken for strength < 0."""
+        key = (like.device, like.dtype, strength < 0)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            source = self.inverse() if strength < 0 else self
+            gated = source.gated
+            cached = (
+                (source.scale - 1.0).to(like.device, like.dtype),
+                source.shift.to(like.device, like.dtype),
+                source.lo.to(like.device, like.dtype) if gated else None,
+                source.hi.to(like.device, like.dtype) if gated else None,
+            )
+            self._device_cache[key] = cached
+        return cached
+
+    def apply(self, x: torch.Tensor, strength: float) -> torch.Tensor:
+        """Transport activations x with the given strength; returns x's dtype and device.
+
+        token: x [..., D]; conv: x [B, D, H, W] (or [D, H, W]). Computes in float32 at least.
+        """
+        strength = check_strength(strength)
+        if strength == 0.0:
+            return x
+        if self.kind == "conv":
+            if x.ndim < 3 or x.shape[-3] != self.dim:
+                raise ValueError(f"conv map of {self.dim} channels cannot act on a tensor shaped {tuple(x.shape)}")
+        elif x.shape[-1] != self.dim:
+            raise ValueError(f"token map of {self.dim} neurons cannot act on a tensor shaped {tuple(x.shape)}")
+        compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        slope, offset, lo, hi = self._params(compute, strength)
+        lam = abs(strength)
+        if self.kind == "conv":
+            mean = compute.mean(dim=(-2, -1))
+            delta = torch.addcmul(offset, slope, mean)
+            if lo is not None:
+                delta = delta * ((mean >= lo) & (mean <= hi))
+            out = compute + (lam * delta)[..., None, None]
+        else:
+            delta = torch.addcmul(offset, slope, compute)
+            if lo is not None:
+                delta = delta * ((compute >= lo) & (compute <= hi))
+            out = torch.add(compute, delta, alpha=lam)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def fold_into_norm(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias differences that make a norm's affine output the transported one.
+
+        A norm ends with out = weight * n + bias. Mapping every element of out with
+        out + lambda ((scale - 1) out + shift) equals a norm with
+            weight' = weight + lambda * weight (scale - 1)
+            bias'   = bias   + lambda * (bias (scale - 1) + shift),
+        so the returned differences (for lambda = 1) scale linearly with the strength. The support is
+        ignored (every element is moved), and for a conv map every pixel is scaled rather than only
+        the channel mean moved: that is what differs from `apply`.
+        """
+        if weight.shape != (self.dim,):
+            raise ValueError(f"norm weight shaped {tuple(weight.shape)} does not match a map of {self.dim} neurons")
+        w = weight.detach().to(torch.float32)
+        b = torch.zeros_like(w) if bias is None else bias.detach().to(torch.float32)
+        slope = self.scale - 1.0
+        return w * slope, b * slope + self.shift
+
+
+def fit_layer(source: torch.Tensor, target: torch.Tensor, method: str = "linear",
+              support: str = "q_0_100", kind: LayerKind = "token") -> LayerMap:
+    """Fit the transport map of one layer from pooled activations source [N, D] and target [M, D].
+
+    method: "linear" (Linear-AcT), "gaussian" (mean + std) or "mean" (shift only);
+    support: a key of `act_core.SUPPORTS`, the source-quantile range in which the map acts.
+    """
+    fit = fit_affine(source, target, method)
+    lo, hi = support_bounds(source, support)
+    return LayerMap(fit.scale, fit.shift, lo, hi, kind, int(fit.degenerate.sum()))
+
+
+class TransportMaps(Mapping):
+    """Layer name -> LayerMap, with metadata about how the maps were made.
+
+    Layer names are module paths as ComfyUI knows them: "diffusion_model.<module>" for the UNet
+    (relative to the MODEL's BaseModel) and "clip_l.<module>", "clip_g.<module>", "clip_h.<module>"
+    for the text encoders (relative to the CLIP's cond_stage_model).
+
+    info holds JSON-serialisable metadata, by convention:
+        family (str), method, support, estimation ("incremental" / "at_once"),
+        source_prompts, target_prompts (counts), prompts_sha256.
+    """
+
+    def __init__(self, layers: Mapping[str, LayerMap] | None = None, info: dict | None = None):
+        self.layers: dict[str, LayerMap] = dict(layers or {})
+        self.info: dict = dict(info or {})
+
+    def __getitem__(self, name: str) -> LayerMap:
+        return self.layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def family(self) -> str | None:
+        return self.info.get("family")
+
+    def neurons(self) -> int:
+        return sum(m.dim for m in self.layers.values())
+
+    def __repr__(self) -> str:
+        return (f"TransportMaps({len(self)} layers, {self.neurons()} neurons, family={self.family!r}, "
+                f"method={self.info.get('method')!r})")

@@ -1,0 +1,170 @@
+"""Random-weight Stable Diffusion models built with ComfyUI's own classes (nothing is downloaded).
+
+    tiny_model("SD15" | "SD2" | "SDXL", seed)  -> (MODEL, CLIP, VAE) small enough for CPU tests
+    write_thin_sd15(folder)                     -> a checkpoint file that CheckpointLoaderSimple
+                                                   detects as SD1.5: full-size CLIP-L and VAE, a UNet
+                                                   with one level and one res block.
+
+As a script (used by `tools/host.py run` to give a fresh install one checkpoint):
+    python tests/make_models.py thin-sd15 ComfyUI/models/checkpoints
+
+The weights are seeded random numbers: images show noise-like colour fields, not pictures.
+Needs ComfyUI importable (COMFYUI_PATH on sys.path) and comfy.cli_args.args.cpu set before
+comfy.model_management is imported when no GPU should be used.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+THIN_SD15_NAME = "ACT-demo-random-weights-sd15.safetensors"
+
+TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+             # SDXL's clip_l reads layer -2: three layers keep that meaningful.
+             "num_hidden_layers": 3, "projection_dim": 64}
+
+TINY_VAE = {"params": {"embed_dim": 4, "ddconfig": {
+    "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+    "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}
+
+FULL_VAE = {"params": {"embed_dim": 4, "ddconfig": {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}}
+
+
+def _unet_base() -> dict:
+    return {"in_channels": 4, "out_channels": 4, "use_checkpoint": False, "image_size": 32,
+            "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
+            "use_temporal_resblock": False}
+
+
+def unet_config(family: str, thin: bool = False) -> dict:
+    """UNet configurations: tiny ones for tests; `thin` is SD1.5-sized but shallow."""
+    cfg = _unet_base()
+    if family == "SD15" and thin:
+        cfg.update(model_channels=320, context_dim=768, num_res_blocks=[1], channel_mult=[1],
+                   transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1,
+                   adm_in_channels=None, use_linear_in_transformer=False)
+    elif family == "SD15":
+        cfg.update(model_channels=32, context_dim=TINY_CLIP["hidden_size"], num_res_blocks=[1, 1],
+                   channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+                   transformer_depth_middle=1, adm_in_channels=None, use_linear_in_transformer=False)
+    elif family == "SD2":
+        # SD2 uses 64-channel heads: model_channels must be a multiple of 64.
+        cfg.update(model_channels=64, context_dim=TINY_CLIP["hidden_size"], num_res_blocks=[1, 1],
+                   channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+                   transformer_depth_middle=1, adm_in_channels=None, use_linear_in_transformer=True)
+    elif family == "SDXL":
+        cfg.update(model_channels=64, context_dim=2 * TINY_CLIP["hidden_size"], num_res_blocks=[1, 1],
+                   channel_mult=[1, 2], transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1],
+                   transformer_depth_middle=1, use_linear_in_transformer=True, num_classes="sequential",
+                   # pooled clip_g projection + 6 size/crop embeddings of 256
+                   adm_in_channels=TINY_CLIP["projection_dim"] + 1536)
+    else:
+        raise ValueError(f"no test model for family {family!r}")
+    return cfg
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter with seeded values; comfy.ops layers start as uninitialised memory."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                values = torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)
+            elif name.endswith("weight") and "norm" in name:
+                values = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+            else:
+                values = 0.05 * torch.randn(p.shape, generator=gen)
+            p.copy_(values.to(p.dtype))
+
+
+def _model_config(family: str, unet: dict):
+    import comfy.supported_models as sm
+    cls = {"SD15": sm.SD15, "SD2": sm.SD20, "SDXL": sm.SDXL}[family]
+    cfg = cls(unet)
+    cfg.set_inference_dtype(torch.float32, None)
+    return cfg
+
+
+def build_model(family: str, seed: int, thin: bool = False):
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    cfg = _model_config(family, unet_config(family, thin))
+    if family == "SD2":
+        # SD2.x 768 models are v-prediction; the detector reads that from weights we do not have.
+        base = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    else:
+        base = cfg.get_model({}, "")
+    randomize(base.diffusion_model, seed)
+    base.eval()
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    return patcher, cfg
+
+
+def build_clip(cfg, family: str, seed: int, full_size: bool = False):
+    import comfy.sd
+    if full_size:
+        options = {}
+    elif family == "SD2":
+        options = {"model_name": "clip_h", "clip_h_model_config": dict(TINY_CLIP)}
+    else:
+        options = {"clip_l_model_config": dict(TINY_CLIP), "clip_g_model_config": dict(TINY_CLIP)}
+    clip = comfy.sd.CLIP(cfg.clip_target(), model_options=options)
+    randomize(clip.cond_stage_model, seed + 1)
+    return clip
+
+
+def build_vae(seed: int, full_size: bool = False):
+    import comfy.sd
+    vae = comfy.sd.VAE(sd={}, config=FULL_VAE if full_size else TINY_VAE)
+    randomize(vae.first_stage_model, seed + 2)
+    return vae
+
+
+def tiny_model(family: str = "SD15", seed: int = 0):
+    """(MODEL, CLIP, VAE) for a tiny random-weight model of the family: SD15, SD2 or SDXL."""
+    model, cfg = build_model(family, seed)
+    return model, build_clip(cfg, family, seed), build_vae(seed)
+
+
+def write_thin_sd15(folder: str | os.PathLike, seed: int = 0, name: str = THIN_SD15_NAME) -> Path:
+    """Write (once) a fp16 SD1.5-detected checkpoint with random weights; returns its path."""
+    import comfy.utils
+    folder = Path(folder)
+    path = folder / name
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    model, cfg = build_model("SD15", seed, thin=True)
+    clip = build_clip(cfg, "SD15", seed, full_size=True)
+    vae = build_vae(seed, full_size=True)
+    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    sd = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
+    partial = path.with_suffix(".partial")
+    comfy.utils.save_torch_file(sd, str(partial), metadata={"comfyui_act": "random weights, for demos and tests"})
+    partial.replace(path)
+    return path
+
+
+def _import_comfy() -> None:
+    comfy_dir = os.environ.get("COMFYUI_PATH")
+    if comfy_dir and comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    import comfy.cli_args
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "thin-sd15":
+        sys.exit("usage: make_models.py thin-sd15 FOLDER")
+    _import_comfy()
+    print(write_thin_sd15(sys.argv[2]))
