@@ -135,23 +135,24 @@ class LayerMap:
             out = torch.add(compute, delta, alpha=lam)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
-    def fold_into_norm(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias differences that make a norm's affine output the transported one.
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias differences that make a layer's affine output the transported one.
 
-        A norm ends with out = weight * n + bias. Mapping every element of out with
-        out + lambda ((scale - 1) out + shift) equals a norm with
-            weight' = weight + lambda * weight (scale - 1)
-            bias'   = bias   + lambda * (bias (scale - 1) + shift),
+        For a norm (out = weight * n + bias, weight [D]) or a linear/conv layer (out = weight @ x + bias,
+        weight [D, ...]), mapping every element of out with out + lambda ((scale - 1) out + shift)
+        equals the same layer with
+            weight' = weight + lambda * (scale - 1) * weight      (row d scaled by scale_d - 1)
+            bias'   = bias   + lambda * ((scale - 1) * bias + shift),
         so the returned differences (for lambda = 1) scale linearly with the strength. The support is
         ignored (every element is moved), and for a conv map every pixel is scaled rather than only
         the channel mean moved: that is what differs from `apply`.
         """
-        if weight.shape != (self.dim,):
-            raise ValueError(f"norm weight shaped {tuple(weight.shape)} does not match a map of {self.dim} neurons")
+        if weight.ndim < 1 or weight.shape[0] != self.dim:
+            raise ValueError(f"weight shaped {tuple(weight.shape)} does not match a map of {self.dim} neurons")
         w = weight.detach().to(torch.float32)
-        b = torch.zeros_like(w) if bias is None else bias.detach().to(torch.float32)
+        b = torch.zeros(self.dim) if bias is None else bias.detach().to(torch.float32)
         slope = self.scale - 1.0
-        return w * slope, b * slope + self.shift
+        return w * slope.view(-1, *([1] * (w.ndim - 1))), b * slope + self.shift
 
 
 def fit_layer(source: torch.Tensor, target: torch.Tensor, method: str = "linear",

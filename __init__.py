@@ -1,0 +1,8 @@
+"""ComfyUI-ACT: Activation Transport (AcT / Linear-AcT) for Stable Diffusion in ComfyUI.
+
+ComfyUI loads this folder from custom_nodes/ and calls comfy_entrypoint (V3 node API). No
+NODE_CLASS_MAPPINGS on purpose: the loader would use it instead of the entry point.
+"""
+from .nodes.extension import comfy_entrypoint
+
+__all__ = ["comfy_entrypoint"]

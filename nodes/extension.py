@@ -1,0 +1,18 @@
+"""The node list ComfyUI loads through comfy_entrypoint."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .nodes_apply import ApplyTransportMaps
+from .nodes_files import LoadTransportMaps, SaveTransportMaps, register_folder
+from .nodes_learn import CollectActivations, FitTransportMaps
+
+
+class ActivationTransportExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [CollectActivations, FitTransportMaps, ApplyTransportMaps, SaveTransportMaps, LoadTransportMaps]
+
+
+async def comfy_entrypoint() -> ActivationTransportExtension:
+    register_folder()
+    return ActivationTransportExtension()

@@ -1,0 +1,49 @@
+"""The apply node: one node between the loader and the sampler."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .steering import BRANCHES, MODES, steer_clip, steer_model
+from .types import Maps
+
+
+class ApplyTransportMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ACTApplyTransportMaps",
+            display_name="Apply Transport Maps (AcT)",
+            category="conditioning/activation transport",
+            description="Steers the model with learned maps. The inputs are never changed: patched copies "
+                        "come out.",
+            inputs=[
+                io.Model.Input("model"),
+                Maps.Input("maps"),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="0 = the untouched model; 1 = activations moved onto the target "
+                                       "prompts' distribution; in between = a proportional dial. Above 1 "
+                                       "extrapolates (stronger, may break the image). Below 0 runs the "
+                                       "inverse map: takes the learned change away."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Steer from this point of sampling on (0 = the first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Stop steering at this point of sampling (1 = the last step)."),
+                io.Combo.Input("branch", options=list(BRANCHES), default=BRANCHES[0],
+                               tooltip="Steer both the prompt and the negative prompt passes, or only the "
+                                       "prompt (conditional) pass."),
+                io.Combo.Input("mode", options=list(MODES), default=MODES[0],
+                               tooltip="exact: the method as published (support ranges; on conv layers only "
+                                       "the channel mean moves). fused: maps folded into the layers' weights, "
+                                       "no cost per step, but support ranges are ignored and conv layers "
+                                       "scale every pixel; falls back to exact for a partial window or branch."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Connect the CLIP to also steer the text encoder when the maps include it."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP")],
+        )
+
+    @classmethod
+    def execute(cls, model, maps, strength, start_percent, end_percent, branch, mode, clip=None) -> io.NodeOutput:
+        steered_model = steer_model(model, maps, strength, start_percent, end_percent, branch, mode)
+        steered_clip = steer_clip(clip, maps, strength, mode) if clip is not None else None
+        return io.NodeOutput(steered_model, steered_clip)

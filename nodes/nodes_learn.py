@@ -1,0 +1,103 @@
+"""Learning nodes: prompts -> pooled activations -> transport maps."""
+from __future__ import annotations
+
+import comfy.utils
+from comfy_api.latest import io
+
+from ..act_core import METHODS, SUPPORTS
+from .collection import SCHEDULES, CollectSettings, Collector, fit_maps, parse_prompts
+from .model_layers import WHERE
+from .types import Activations, Maps
+
+PRESETS = ("normalization layers", "custom pattern")
+
+
+class CollectActivations(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ACTCollectActivations",
+            display_name="Collect Activations (AcT)",
+            category="conditioning/activation transport",
+            description="Runs the source and target prompts through the loaded model (one denoising step, "
+                        "conditional branch only) and records each chosen layer's pooled activations.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input("source_prompts", multiline=True, default="",
+                                tooltip="One prompt per line: what the model does now (e.g. captions with "
+                                        "'a pink elephant'). At least 8."),
+                io.String.Input("target_prompts", multiline=True, default="",
+                                tooltip="One prompt per line: what it should do instead (the same captions "
+                                        "without it, or with style tags). At least 8."),
+                io.Combo.Input("where", options=list(WHERE), default=WHERE[0],
+                               tooltip="Which part of the model to learn maps for. The paper steers the "
+                                       "diffusion model; adding the text encoder can help with concepts."),
+                io.Combo.Input("layers", options=list(PRESETS), default=PRESETS[0],
+                               tooltip="normalization layers: every GroupNorm/LayerNorm output, as in the "
+                                       "paper. custom pattern: the modules whose names match 'pattern'."),
+                io.String.Input("pattern", default="", optional=True,
+                                tooltip="Regular expression over module names such as "
+                                        "'diffusion_model.output_blocks.*norm' (used with 'custom pattern')."),
+                io.Int.Input("resolution", default=0, min=0, max=4096, step=8,
+                             tooltip="Image size the step runs at. 0 = the model's native size (512 SD1.x, "
+                                     "768 SD2.x-v, 1024 SDXL). Smaller is faster, less faithful."),
+                io.Int.Input("noise_levels", default=1, min=1, max=16,
+                             tooltip="1 = the first, noisiest step, as the paper. More spreads the samples "
+                                     "over the schedule (each prompt is run once per level)."),
+                io.Int.Input("batch_size", default=16, min=1, max=4096,
+                             tooltip="Samples per model call. When all prompts x noise levels fit in one "
+                                     "batch, incremental fitting costs a single extra pass."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False),
+            ],
+            outputs=[Activations.Output(display_name="activations"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, source_prompts, target_prompts, where, layers, resolution, noise_levels,
+                batch_size, seed, pattern="") -> io.NodeOutput:
+        if layers == PRESETS[1] and not pattern.strip():
+            raise ValueError("layers is 'custom pattern' but 'pattern' is empty: type a pattern or pick "
+                             "'normalization layers' on Collect Activations")
+        settings = CollectSettings(where=where, pattern=pattern.strip() if layers == PRESETS[1] else "",
+                                   resolution=resolution, noise_levels=noise_levels, batch_size=batch_size,
+                                   seed=seed)
+        collector = Collector(model, clip, parse_prompts(source_prompts, "source_prompts"),
+                              parse_prompts(target_prompts, "target_prompts"), settings)
+        activations = collector.collect(comfy.utils.ProgressBar(len(collector.batches())))
+        return io.NodeOutput(activations, activations.summary())
+
+
+class FitTransportMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ACTFitTransportMaps",
+            display_name="Fit Transport Maps (AcT)",
+            category="conditioning/activation transport",
+            description="Learns, for every neuron, the map that moves source activations onto target ones.",
+            inputs=[
+                Activations.Input("activations"),
+                io.Combo.Input("method", options=list(METHODS), default="linear",
+                               tooltip="linear: Linear-AcT, the optimal-transport fit (best in the paper). "
+                                       "gaussian: matches mean and spread. mean: shifts the mean only "
+                                       "(a steering vector)."),
+                io.Combo.Input("support", options=list(SUPPORTS), default="q_0_100",
+                               tooltip="Where a neuron is moved: q_0_100 = within the range the source "
+                                       "prompts produced (the paper's default); q_5_95 etc. = narrower; "
+                                       "all = everywhere. Values outside are left untouched."),
+                io.Combo.Input("estimation", options=list(SCHEDULES), default=SCHEDULES[0],
+                               tooltip="incremental: each layer is learned with the earlier layers already "
+                                       "steered (the paper's default, better; reruns the model). at once: all "
+                                       "layers from the collected activations, no extra model run."),
+            ],
+            outputs=[Maps.Output(display_name="maps"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, activations, method, support, estimation) -> io.NodeOutput:
+        maps = fit_maps(activations, method, support, estimation, progress_factory=comfy.utils.ProgressBar)
+        degenerate = sum(m.degenerate for m in maps.values())
+        summary = (f"{len(maps)} layers, {maps.neurons()} neurons, {method} / {support} / {estimation}"
+                   + (f"; {degenerate} neurons had no spread and are left as they are" if degenerate else ""))
+        return io.NodeOutput(maps, summary)

@@ -1,0 +1,183 @@
+"""Put transport maps on a ComfyUI MODEL or CLIP, functionally: clone, patch the clone, return it.
+
+exact: one object patch on "diffusion_model.forward" (and on each text encoder's "clip_x.forward")
+       that registers forward hooks on the mapped layers for the duration of that call and removes
+       them in `finally`. Patching the .forward attribute, never swapping modules, keeps every other
+       clone of the shared nn.Module untouched, and no hook outlives a call (an interrupt included).
+       Hooks are prepended, so when apply nodes are chained the inner (earlier) node's maps run
+       first, as the graph reads.
+fused: maps folded into the weights of the layer that produces the activation, as ComfyUI weight
+       patches (the same mechanism as a LoRA): no per-step cost.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..act_core import TransportMaps, check_strength
+from .model_layers import ActError, check_maps_fit, clip_modules, is_unet_layer, unet_modules
+
+log = logging.getLogger("comfyui_act")
+
+MODES = ("exact", "fused")
+BRANCHES = ("conditional and unconditional", "conditional only")
+
+Hook = Callable[[torch.nn.Module, tuple, object], object]
+
+
+@contextlib.contextmanager
+def hooks_installed(hooks: Iterable[tuple[torch.nn.Module, Hook]]):
+    """Register forward hooks for the duration of a with-block; always removes them."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook, prepend=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def original_or_patched(patcher, key: str, owner: torch.nn.Module, attribute: str):
+    """The callable an object patch on `key` must wrap: an earlier object patch on this clone, else the
+    class's own method (never the instance attribute, which another loaded clone may have patched)."""
+    earlier = patcher.object_patches.get(key)
+    if earlier is not None:
+        return earlier
+    return getattr(type(owner), attribute).__get__(owner)
+
+
+def _map_hook(layer_map, strength: float, rows: Callable[[], torch.Tensor | None]) -> Hook:
+    def hook(_module, _inputs, output):
+        selected = rows()
+        if selected is None:
+            return layer_map.apply(output, strength)
+        moved = output.clone()
+        moved[selected] = layer_map.apply(output[selected], strength)
+        return moved
+    return hook
+
+
+def _steered_forward(inner: Callable, hooks_for_call: Callable[[tuple, dict], list]):
+    def forward(*args, **kwargs):
+        hooks = hooks_for_call(args, kwargs)
+        if not hooks:
+            return inner(*args, **kwargs)
+        with hooks_installed(hooks):
+            return inner(*args, **kwargs)
+    return forward
+
+
+class _CallState:
+    """Which batch rows the current diffusion-model call steers (None: all of them)."""
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor | None:
+        return self.rows
+
+
+def _conditional_rows(transformer_options: dict, batch: int) -> torch.Tensor | None:
+    """Rows of the batch that belong to the conditional branch (cond_or_uncond marks 0 = cond)."""
+    chunks = transformer_options.get("cond_or_uncond") or [0]
+    size = batch // len(chunks)
+    rows = [i for c, kind in enumerate(chunks) if kind == 0 for i in range(c * size, (c + 1) * size)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def steer_model(model, maps: TransportMaps, strength: float, start_percent: float = 0.0,
+                end_percent: float = 1.0, branch: str = BRANCHES[0], mode: str = "exact"):
+    """A clone of MODEL whose diffusion-model activations are transported with `strength`."""
+    strength = check_strength(strength)
+    layers = {n: m for n, m in maps.items() if is_unet_layer(n)}
+    check_maps_fit(TransportMaps(layers, maps.info), model=model)
+    patched = model.clone()
+    if strength == 0.0 or not layers:
+        return patched
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ActError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent}); "
+                       "fix them on Apply Transport Maps")
+    modules = unet_modules(model)
+    whole_window = start_percent == 0.0 and end_percent == 1.0
+    if mode == "fused":
+        if whole_window and branch == BRANCHES[0]:
+            layers = _fold(patched, layers, modules, strength, patched.add_patches)
+        else:
+            log.warning("ComfyUI-ACT: fused mode cannot limit the sampling window or the branch; "
+                        "using exact mode for the diffusion model")
+    if not layers:
+        return patched
+
+    model_sampling = model.get_model_object("model_sampling")
+    sigma_start = float(model_sampling.percent_to_sigma(start_percent))
+    sigma_end = float(model_sampling.percent_to_sigma(end_percent))
+    state = _CallState()
+    hooks = [(modules[n], _map_hook(m, strength, state.get)) for n, m in layers.items()]
+
+    def hooks_for_call(args: tuple, kwargs: dict) -> list:
+        options = kwargs.get("transformer_options") or {}
+        sigmas = options.get("sigmas")
+        if sigmas is not None and not whole_window:
+            sigma = float(sigmas.flatten()[0])
+            if sigma > sigma_start or sigma < sigma_end:
+                return []
+        x = args[0] if args else kwargs.get("x")
+        state.rows = _conditional_rows(options, x.shape[0]) if branch == BRANCHES[1] else None
+        return hooks
+
+    key = "diffusion_model.forward"
+    dm = model.model.diffusion_model
+    inner = original_or_patched(patched, key, dm, "forward")
+    patched.add_object_patch(key, _steered_forward(inner, hooks_for_call))
+    return patched
+
+
+def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = "exact"):
+    """A clone of CLIP whose text-encoder activations are transported with `strength`."""
+    strength = check_strength(strength)
+    layers = {n: m for n, m in maps.items() if not is_unet_layer(n)}
+    check_maps_fit(TransportMaps(layers, {}), clip=clip)
+    patched = clip.clone()
+    if strength == 0.0 or not layers:
+        return patched
+    modules = clip_modules(clip)
+    if mode == "fused":
+        layers = _fold(patched, layers, modules, strength, patched.add_patches)
+    by_encoder: dict[str, list] = {}
+    for name, layer in layers.items():
+        by_encoder.setdefault(name.split(".", 1)[0], []).append((modules[name], _map_hook(layer, strength, lambda: None)))
+    stage = clip.cond_stage_model
+    for encoder, hooks in by_encoder.items():
+        key = f"{encoder}.forward"
+        inner = original_or_patched(patched.patcher, key, getattr(stage, encoder), "forward")
+        patched.patcher.add_object_patch(key, _steered_forward(inner, lambda _args, _kwargs, h=hooks: h))
+    return patched
+
+
+def _fold(patched, layers: dict, modules: dict, strength: float, add_patches) -> dict:
+    """Fold what can be folded into weight patches; return the layers left for exact hooks."""
+    left = {}
+    patches = {}
+    for name, layer in layers.items():
+        module = modules[name]
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
+            left[name] = layer
+            continue
+        source = layer.inverse() if strength < 0 else layer
+        d_weight, d_bias = source.fold(weight, bias)
+        patches[f"{name}.weight"] = (d_weight.to(weight.dtype),)
+        patches[f"{name}.bias"] = (d_bias.to(bias.dtype),)
+    if patches:
+        accepted = set(add_patches(patches, abs(strength)))
+        missing = sorted(set(patches) - accepted)
+        if missing:
+            raise ActError(f"ComfyUI refused weight patches for {len(missing)} layers (e.g. {missing[0]}); "
+                           "use mode 'exact' on Apply Transport Maps")
+    if left:
+        log.info("ComfyUI-ACT fused mode: %d layers have no weight and bias to fold into and run exactly", len(left))
+    return left

@@ -1,0 +1,187 @@
+"""Fixtures shared by the suite: the real ComfyUI (never a mock), tiny models, a thin checkpoint, a server.
+
+The host comes from tools/host.py, which sets COMFYUI_PATH (the ComfyUI this pack is installed in, one
+named by the user, or the pinned 0.3.75 it provisioned).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+COMFY_DIR = Path(os.environ.get("COMFYUI_PATH", PACK_DIR / ".host" / "ComfyUI")).resolve()
+CACHE_DIR = PACK_DIR / ".host" / "cache"
+OUTPUT_DIR = PACK_DIR / "test-output"
+
+if not (COMFY_DIR / "main.py").exists():
+    raise SystemExit(f"No ComfyUI at {COMFY_DIR}. Run the tests with: python3 tools/host.py test")
+sys.path.insert(0, str(COMFY_DIR))
+
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: tests are CPU-only
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+import comfy.model_management  # noqa: E402,F401
+import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py, not this pack's nodes/)
+
+from make_models import THIN_SD15_NAME, tiny_model, write_thin_sd15  # noqa: E402
+
+
+def load_pack():
+    """Import this pack the way ComfyUI does: a package from its folder (relative imports inside)."""
+    name = "comfyui_act"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, PACK_DIR / "__init__.py",
+                                                  submodule_search_locations=[str(PACK_DIR)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    module.nodes.nodes_files.register_folder()
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return load_pack()
+
+
+@pytest.fixture(scope="session")
+def sd15():
+    return tiny_model("SD15", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl():
+    return tiny_model("SDXL", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd2():
+    return tiny_model("SD2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def thin_checkpoint() -> Path:
+    return write_thin_sd15(CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def output_dir() -> Path:
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    return OUTPUT_DIR
+
+
+def sample(model, clip, vae=None, prompt="a house on a hill", seed=7, steps=4, size=64, cfg=5.0,
+           negative="blurry"):
+    """Real CLIPTextEncode -> KSampler (-> VAEDecode). Returns the latent, or the image with a VAE."""
+    (positive,) = comfy_nodes.CLIPTextEncode().encode(clip, prompt)
+    (neg,) = comfy_nodes.CLIPTextEncode().encode(clip, negative)
+    (latent,) = comfy_nodes.EmptyLatentImage().generate(size, size, 1)
+    (out,) = comfy_nodes.KSampler().sample(model, seed, steps, cfg, "euler", "normal", positive, neg, latent)
+    if vae is None:
+        return out["samples"]
+    (image,) = comfy_nodes.VAEDecode().decode(vae, out)
+    return image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The real ComfyUI server with this pack, in its own base directory, on a free loopback port."""
+
+    def __init__(self, base: Path, port: int, process: subprocess.Popen, log_path: Path):
+        self.base, self.port, self.process, self.log_path = base, port, process, log_path
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, payload: dict, timeout: float = 30):
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            body = r.read()
+            return json.loads(body) if body else None
+
+    def run(self, prompt: dict, timeout: float = 300) -> dict:
+        """Queue an API-format prompt and wait for its history entry."""
+        prompt_id = self.post("/prompt", {"prompt": prompt})["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                return history[prompt_id]
+            if prompt_id in history and history[prompt_id].get("status", {}).get("status_str") == "error":
+                return history[prompt_id]
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s\n{self.log()[-3000:]}")
+
+
+def start_server(base: Path, checkpoint: Path | None) -> Server:
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / "ComfyUI-ACT"
+    if not link.exists():
+        link.symlink_to(PACK_DIR, target_is_directory=True)
+    if checkpoint is not None:
+        (base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        target = base / "models" / "checkpoints" / checkpoint.name
+        if not target.exists():
+            target.symlink_to(checkpoint)
+    port = free_port()
+    log_path = base / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--disable-auto-launch", "--base-directory", str(base),
+             "--database-url", "sqlite:///:memory:"],
+            cwd=COMFY_DIR, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(base, port, process, log_path)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with {process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            server.get("/system_stats", timeout=2)
+            return server
+        except OSError:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"ComfyUI did not start in 120 s:\n{server.log()[-4000:]}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, thin_checkpoint):
+    base = tmp_path_factory.mktemp("comfyui-base")
+    srv = start_server(base, thin_checkpoint)
+    yield srv
+    stop_server(srv)
+    shutil.copy(srv.log_path, OUTPUT_DIR / "server.log") if OUTPUT_DIR.exists() else None
