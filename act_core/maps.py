@@ -83,9 +83,11 @@ class LayerMap:
         shift = torch.where(invertible, -self.shift / safe_scale, torch.zeros_like(self.shift))
         with torch.no_grad():
             ends = torch.stack([self.scale * self.lo + self.shift, self.scale * self.hi + self.shift])
-        # An infinite bound times scale stays infinite (scale is nonzero where invertible).
-        lo = torch.where(invertible, ends.amin(0), torch.full_like(self.lo, -math.inf))
-        hi = torch.where(invertible, ends.amax(0), torch.full_like(self.hi, math.inf))
+        # An infinite bound times scale stays infinite (scale is nonzero where invertible). The image
+        # is widened by float32 rounding so that T(lo) and T(hi), as computed, still map back.
+        slack = 1e-6 * (ends.abs() + 1.0)
+        lo = torch.where(invertible, (ends - slack).amin(0), torch.full_like(self.lo, -math.inf))
+        hi = torch.where(invertible, (ends + slack).amax(0), torch.full_like(self.hi, math.inf))
         lo = torch.where(torch.isnan(lo), torch.full_like(lo, -math.inf), lo)
         hi = torch.where(torch.isnan(hi), torch.full_like(hi, math.inf), hi)
         return LayerMap(scale, shift, lo, hi, self.kind, self.degenerate)
