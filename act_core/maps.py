@@ -85,7 +85,7 @@ class LayerMap:
             ends = torch.stack([self.scale * self.lo + self.shift, self.scale * self.hi + self.shift])
         # An infinite bound times scale stays infinite (scale is nonzero where invertible). The image
         # is widened by float32 rounding so that T(lo) and T(hi), as computed, still map back.
-        slack = 1e-6 * (ends.abs() + 1.0)
+        slack = torch.where(torch.isfinite(ends), 1e-6 * (ends.abs() + 1.0), torch.zeros_like(ends))
         lo = torch.where(invertible, (ends - slack).amin(0), torch.full_like(self.lo, -math.inf))
         hi = torch.where(invertible, (ends + slack).amax(0), torch.full_like(self.hi, math.inf))
         lo = torch.where(torch.isnan(lo), torch.full_like(lo, -math.inf), lo)
