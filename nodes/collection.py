@@ -240,7 +240,7 @@ class Collector:
         "kinds": {...}, "order": [...], "maps": {...}}."""
         import comfy.model_management
         total = len(self.prompts) * self.levels
-        result = {"samples": {}, "kinds": {}, "order": [], "maps": {}}
+        result = {"samples": {}, "kinds": {}, "order": [], "maps": {}, "repeated": set()}
         need_unet = stop_after is None or stop_after in self.unet_layers
         for batch in batches:
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -278,7 +278,10 @@ class Collector:
             if not isinstance(output, torch.Tensor):
                 raise ActError(f"layer {name} does not output a tensor; leave it out with the 'pattern' input")
             if name in fired:
-                raise ActError(f"layer {name} runs more than once per model call; leave it out with the 'pattern' input")
+                # One map cannot describe two calls with different inputs (SD2's final_layer_norm
+                # runs on the hidden layer and again for the pooled output): such layers are left out.
+                result["repeated"].add(name)
+                return output
             fired.add(name)
             if part == "text":
                 pooled = self._pool_text(output)
@@ -332,10 +335,14 @@ class Collector:
         """One pass over all prompts, no maps applied: the activations "at once" fitting uses."""
         everything = set(self.text_layers) | set(self.unet_layers)
         result = self._sweep(self.batches(), everything, {}, None, None, progress)
-        order = result["order"]
-        missing = everything - set(order)
+        order = [n for n in result["order"] if n not in result["repeated"]]
+        missing = everything - set(result["order"])
         if missing:
             log.info("ComfyUI-ACT: %d selected layers never ran and are left out (e.g. %s)", len(missing), min(missing))
+        if result["repeated"]:
+            log.info("ComfyUI-ACT: left out layers that run more than once per call: %s", sorted(result["repeated"]))
+        self.text_layers = {n: m for n, m in self.text_layers.items() if n in order}
+        self.unet_layers = {n: m for n, m in self.unet_layers.items() if n in order}
         source, target = self._split({n: result["samples"][n] for n in order})
         return Activations(source, target, {n: result["kinds"][n] for n in order}, self.family,
                            self._info(), self)
