@@ -5,7 +5,6 @@ named by the user, or the pinned 0.3.75 it provisioned).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -37,20 +36,7 @@ import comfy.model_management  # noqa: E402,F401
 import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py, not this pack's nodes/)
 
 from make_models import THIN_SD15_NAME, tiny_model, write_thin_sd15  # noqa: E402
-
-
-def load_pack():
-    """Import this pack the way ComfyUI does: a package from its folder (relative imports inside)."""
-    name = "comfyui_act"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, PACK_DIR / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_DIR)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    module.nodes.nodes_files.register_folder()
-    return module
+from pack_loader import load_pack  # noqa: E402
 
 
 @pytest.fixture(scope="session")
