@@ -18,7 +18,7 @@ import torch
 
 from .estimators import fit_affine, support_bounds
 
-__all__ = ["LayerMap", "TransportMaps", "fit_layer", "check_strength", "LayerKind"]
+__all__ = ["LayerMap", "TransportMaps", "fit_layer", "check_strength", "layer_movement", "LayerKind"]
 
 LayerKind = Literal["token", "conv"]
 KINDS = ("token", "conv")
@@ -204,3 +204,18 @@ class TransportMaps(Mapping):
     def __repr__(self) -> str:
         return (f"TransportMaps({len(self)} layers, {self.neurons()} neurons, family={self.family!r}, "
                 f"method={self.info.get('method')!r})")
+
+
+def layer_movement(layer: LayerMap) -> float:
+    """How far a layer moves activations at strength 1, as one number for charts.
+
+    Where the support is finite: the mean over neurons of |T(c) - c| / (hi - lo) at the support's
+    centre c, i.e. the displacement in units of the source range. Without a support: the mean of
+    |scale - 1| + |shift|, in activation units.
+    """
+    finite = torch.isfinite(layer.lo) & torch.isfinite(layer.hi) & (layer.hi > layer.lo)
+    centre = torch.where(finite, (layer.lo + layer.hi) / 2, torch.zeros_like(layer.lo))
+    width = torch.where(finite, layer.hi - layer.lo, torch.ones_like(layer.lo))
+    displacement = ((layer.scale - 1.0) * centre + layer.shift).abs() / width
+    unbounded = (layer.scale - 1.0).abs() + layer.shift.abs()
+    return float(torch.where(finite, displacement, unbounded).mean())

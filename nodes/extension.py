@@ -6,11 +6,14 @@ from comfy_api.latest import ComfyExtension, io
 from .nodes_apply import ApplyTransportMaps
 from .nodes_files import LoadTransportMaps, SaveTransportMaps, register_folder
 from .nodes_learn import CollectActivations, FitTransportMaps
+from .nodes_prompts import ConceptPrompts, StylePrompts
+from .nodes_view import InspectMaps, StrengthGrid, StrengthSweep
 
 
 class ActivationTransportExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CollectActivations, FitTransportMaps, ApplyTransportMaps, SaveTransportMaps, LoadTransportMaps]
+        return [ConceptPrompts, StylePrompts, CollectActivations, FitTransportMaps, ApplyTransportMaps,
+                StrengthSweep, StrengthGrid, InspectMaps, SaveTransportMaps, LoadTransportMaps]
 
 
 async def comfy_entrypoint() -> ActivationTransportExtension:
