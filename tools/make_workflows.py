@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Write example_workflows/*.json (ComfyUI's editor format) from compact graph specs.
+
+Widget order and socket types come from a running ComfyUI's /object_info, so the files always match
+the node definitions; tests/test_examples.py regenerates them and compares.
+
+    python tools/make_workflows.py OBJECT_INFO.json [OUT_DIR]
+
+Also converts an editor-format workflow to the API format the server's /prompt takes
+(`to_api_prompt`), the way the frontend does when it queues a graph.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DEMO_CHECKPOINT = "ACT-demo-random-weights-sd15.safetensors"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+VIRTUAL = {"Note", "MarkdownNote"}
+CHECKPOINT_NOTE = (f"The demo checkpoint {DEMO_CHECKPOINT} has random weights: images are coloured noise. "
+                   "Pick your own SD1.5, SD2.x or SDXL checkpoint in Load Checkpoint for real pictures, and set "
+                   "the image size to its native one (512 / 768 / 1024). Collection at resolution 0 runs at "
+                   "that size too; the examples use 128 to stay quick on a CPU.")
+
+
+def _inputs(info: dict) -> list[tuple[str, str, dict]]:
+    """(name, type, options) of a node's inputs in display order: required, then optional."""
+    out = []
+    for group in ("required", "optional"):
+        for name, spec in info["input"].get(group, {}).items():
+            kind = spec[0]
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            out.append((name, "COMBO" if isinstance(kind, list) else kind, options))
+    return out
+
+
+def _is_widget(kind: str, options: dict) -> bool:
+    return kind in WIDGET_TYPES and not options.get("forceInput")
+
+
+def build(spec: dict, object_info: dict) -> dict:
+    """spec: {"nodes": {key: {"type", "col", "row", "widgets": {...}, "links": {input: [key, slot]}}},
+    "notes": [(text, col, row)]} -> editor-format workflow."""
+    ids = {key: i + 1 for i, key in enumerate(spec["nodes"])}
+    nodes, links = [], []
+    outputs_links: dict[tuple[int, int], list[int]] = {}
+    for key, node in spec["nodes"].items():
+        info = object_info[node["type"]]
+        inputs, widgets = [], []
+        for name, kind, options in _inputs(info):
+            link = node.get("links", {}).get(name)
+            if link is not None:
+                origin_key, origin_slot = link
+                link_id = len(links) + 1
+                links.append([link_id, ids[origin_key], origin_slot, ids[key], len(inputs),
+                              object_info[spec["nodes"][origin_key]["type"]]["output"][origin_slot]])
+                outputs_links.setdefault((ids[origin_key], origin_slot), []).append(link_id)
+                entry = {"name": name, "type": kind, "link": link_id}
+                if _is_widget(kind, options):
+                    entry["widget"] = {"name": name}
+                inputs.append(entry)
+            elif not _is_widget(kind, options):
+                raise ValueError(f"{key}.{name} ({kind}) needs a link")
+            if _is_widget(kind, options):
+                value = node.get("widgets", {}).get(name, options.get("default"))
+                if value is None and kind == "COMBO":
+                    value = (options.get("options") or [None])[0]
+                widgets.append(value)
+                if options.get("control_after_generate"):
+                    widgets.append("fixed")
+        nodes.append({"id": ids[key], "type": node["type"], "pos": [40 + 380 * node["col"], 40 + 260 * node["row"]],
+                      "size": [340, 200], "flags": {}, "order": len(nodes), "mode": 0, "inputs": inputs,
+                      "outputs": [], "properties": {"Node name for S&R": node["type"]}, "widgets_values": widgets,
+                      "title": node.get("title", info.get("display_name", node["type"]))})
+    for node in nodes:
+        info = object_info[node["type"]]
+        node["outputs"] = [{"name": name, "type": kind, "links": outputs_links.get((node["id"], slot), []),
+                            "slot_index": slot}
+                           for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"]))]
+    for i, (text, col, row) in enumerate(spec.get("notes", [])):
+        nodes.append({"id": len(ids) + i + 1, "type": "Note", "pos": [40 + 380 * col, 40 + 260 * row],
+                      "size": [360, 220], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                      "properties": {"text": ""}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def to_api_prompt(workflow: dict, object_info: dict) -> dict:
+    """Editor format -> API format, as the frontend does when it queues a workflow."""
+    by_link = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL:
+            continue
+        linked = {entry["name"]: by_link[entry["link"]] for entry in node["inputs"] if entry.get("link") is not None}
+        values = iter(node["widgets_values"])
+        inputs = {}
+        for name, kind, options in _inputs(object_info[node["type"]]):
+            if _is_widget(kind, options):
+                inputs[name] = next(values)
+                if options.get("control_after_generate"):
+                    next(values)
+            if name in linked:
+                link = linked[name]
+                inputs[name] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def _sampling(prefix: str, model, clip, text: str, col: int, save_prefix: str, size: int = 192) -> dict:
+    return {
+        f"{prefix}pos": {"type": "CLIPTextEncode", "col": col, "row": 0, "widgets": {"text": text},
+                         "links": {"clip": clip}},
+        f"{prefix}neg": {"type": "CLIPTextEncode", "col": col, "row": 1, "widgets": {"text": "blurry, low quality"},
+                         "links": {"clip": clip}},
+        f"{prefix}latent": {"type": "EmptyLatentImage", "col": col, "row": 2,
+                            "widgets": {"width": size, "height": size, "batch_size": 1}},
+        f"{prefix}sampler": {"type": "KSampler", "col": col + 1, "row": 0,
+                             "widgets": {"seed": 42, "steps": 10, "cfg": 6.0, "sampler_name": "euler",
+                                         "scheduler": "normal", "denoise": 1.0},
+                             "links": {"model": model, "positive": [f"{prefix}pos", 0],
+                                       "negative": [f"{prefix}neg", 0], "latent_image": [f"{prefix}latent", 0]}},
+        f"{prefix}decode": {"type": "VAEDecode", "col": col + 1, "row": 1,
+                            "links": {"samples": [f"{prefix}sampler", 0], "vae": ["ckpt", 2]}},
+        f"{prefix}save": {"type": "SaveImage", "col": col + 2, "row": 0, "widgets": {"filename_prefix": save_prefix},
+                          "links": {"images": [f"{prefix}decode", 0]}},
+    }
+
+
+def _learn(prompts_node: dict, col: int = 1) -> dict:
+    return {
+        "ckpt": {"type": "CheckpointLoaderSimple", "col": 0, "row": 0, "widgets": {"ckpt_name": DEMO_CHECKPOINT}},
+        "prompts": prompts_node | {"col": 0, "row": 1},
+        "collect": {"type": "ACTCollectActivations", "col": col, "row": 0,
+                    "widgets": {"where": "both", "resolution": 128, "batch_size": 64},
+                    "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "source_prompts": ["prompts", 0],
+                              "target_prompts": ["prompts", 1]}},
+        "fit": {"type": "ACTFitTransportMaps", "col": col, "row": 1, "links": {"activations": ["collect", 0]}},
+    }
+
+
+def _apply(strength, col: int = 2, row: int = 0) -> dict:
+    links = {"model": ["ckpt", 0], "clip": ["ckpt", 1], "maps": ["fit", 0]}
+    widgets = {}
+    if isinstance(strength, list):
+        links["strength"] = strength
+    else:
+        widgets["strength"] = strength
+    return {"apply": {"type": "ACTApplyTransportMaps", "col": col, "row": row, "widgets": widgets, "links": links}}
+
+
+SPECS = {
+    "ACT - remove a concept (no pink elephant)": {
+        "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "a pink elephant", "direction": "remove",
+                                                                  "count": 32}})
+        | _apply(1.0)
+        | _sampling("", ["apply", 0], ["apply", 1], "a house on a hill, and a pink elephant", 3, "act_no_elephant")
+        | {"savemaps": {"type": "ACTSaveTransportMaps", "col": 2, "row": 1,
+                        "widgets": {"name": "no_pink_elephant", "overwrite": True}, "links": {"maps": ["fit", 0]}}},
+        "notes": [("Remove a concept. Concept Prompts writes captions with the concept and the same captions "
+                   "without it; the maps learn the difference, and Apply Transport Maps takes the concept out "
+                   "even when the prompt asks for it. Change 'concept' to what you want gone; raise 'strength' "
+                   "above 1 if traces remain. The maps are saved as no_pink_elephant for the 'load saved maps' "
+                   "example. " + CHECKPOINT_NOTE, 0, 2)],
+    },
+    "ACT - style dial (watercolor)": {
+        "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "watercolor", "count": 32}})
+        | _apply(0.7)
+        | _sampling("", ["apply", 0], ["apply", 1], "a harbour full of fishing boats", 3, "act_style"),
+        "notes": [("Style dial. Style Prompts pairs plain captions with the same captions plus style tags. Pick "
+                   "another 'style' (anime, cyberpunk, pixel art...) or type your own tags; turn 'strength' "
+                   "between 0 (no style) and 1 (full style). " + CHECKPOINT_NOTE, 0, 2)],
+    },
+    "ACT - add objects (more trees)": {
+        "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "many tall trees", "direction": "add",
+                                                                  "count": 32}})
+        | _apply(1.0)
+        | _sampling("", ["apply", 0], ["apply", 1], "a quiet street with houses", 3, "act_trees"),
+        "notes": [("Add objects. With direction 'add' the targets carry the concept, so the maps put it into "
+                   "images whose prompt never mentions it. Try 'snow on the ground' or 'a red umbrella'. "
+                   + CHECKPOINT_NOTE, 0, 2)],
+    },
+    "ACT - strength sweep grid": {
+        "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "sketch", "count": 32}})
+        | {"sweep": {"type": "ACTStrengthSweep", "col": 2, "row": 1, "widgets": {"strengths": "0, 0.25, 0.5, 0.75, 1"}}}
+        | _apply(["sweep", 0])
+        | _sampling("", ["apply", 0], ["apply", 1], "a lighthouse on a rocky coast", 3, "act_sweep_frame")
+        | {"grid": {"type": "ACTStrengthGrid", "col": 5, "row": 0,
+                    "links": {"images": ["decode", 0], "strength": ["sweep", 0]}},
+           "savegrid": {"type": "SaveImage", "col": 5, "row": 1, "widgets": {"filename_prefix": "act_sweep_grid"},
+                        "links": {"images": ["grid", 0]}},
+           "inspect": {"type": "ACTInspectMaps", "col": 1, "row": 2, "links": {"maps": ["fit", 0]}},
+           "chart": {"type": "PreviewImage", "col": 2, "row": 2, "links": {"images": ["inspect", 0]}}},
+        "notes": [("Strength sweep. Strength Sweep sends each strength through Apply Transport Maps and the "
+                   "sampler, Strength Grid lays the results side by side (strength under each) and plays them "
+                   "as an animation; Inspect shows which layers move most. Edit 'strengths' to zoom in. "
+                   + CHECKPOINT_NOTE, 0, 2)],
+    },
+    "ACT - load saved maps and apply": {
+        "nodes": {"ckpt": {"type": "CheckpointLoaderSimple", "col": 0, "row": 0,
+                           "widgets": {"ckpt_name": DEMO_CHECKPOINT}},
+                  "fit": {"type": "ACTLoadTransportMaps", "col": 1, "row": 0,
+                          "widgets": {"maps_name": "no_pink_elephant.safetensors"}}}
+        | _apply(1.0)
+        | _sampling("", ["apply", 0], ["apply", 1], "a garden with a pink elephant", 3, "act_loaded"),
+        "notes": [("Reuse maps. Load Transport Maps lists the files in ComfyUI/models/act (run the 'remove a "
+                   "concept' example once to create no_pink_elephant). Maps work on the kind of model they were "
+                   "fitted on; share the .safetensors file to share a dial. " + CHECKPOINT_NOTE, 0, 1)],
+    },
+}
+
+
+def write_all(object_info: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for title, spec in SPECS.items():
+        path = out_dir / f"{title}.json"
+        path.write_text(json.dumps(build(spec, object_info), indent=1) + "\n")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__)
+    info = json.loads(Path(sys.argv[1]).read_text())
+    target = Path(sys.argv[2]) if len(sys.argv) == 3 else Path(__file__).resolve().parent.parent / "example_workflows"
+    for p in write_all(info, target):
+        print(p)
