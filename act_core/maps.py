@@ -93,18 +93,25 @@ class LayerMap:
         return LayerMap(scale, shift, lo, hi, self.kind, self.degenerate)
 
     def _params(self, like: torch.Tensor, strength: float) -> tuple:
-        """(slope, offset, lo, hi) on like's device/dtype, with the inverse taken for strength < 0."""
-        key = (like.device, like.dtype, strength < 0)
+        """(a, b, lo, hi) on like's device/dtype, the map at this strength written as z' = a z + b:
+        a = 1 + |lambda| (scale - 1), b = |lambda| shift, with the inverse taken for lambda < 0.
+        For conv maps a - 1 is kept instead (the mean moves by (a - 1) m + b).
+        Cached: a node applies one strength at every step."""
+        key = (like.device, like.dtype, strength)
         cached = self._device_cache.get(key)
         if cached is None:
             source = self.inverse() if strength < 0 else self
+            lam = abs(strength)
             gated = source.gated
+            slope = lam * (source.scale - 1.0)
             cached = (
-                (source.scale - 1.0).to(like.device, like.dtype),
-                source.shift.to(like.device, like.dtype),
+                (slope if self.kind == "conv" else 1.0 + slope).to(like.device, like.dtype),
+                (lam * source.shift).to(like.device, like.dtype),
                 source.lo.to(like.device, like.dtype) if gated else None,
                 source.hi.to(like.device, like.dtype) if gated else None,
             )
+            if len(self._device_cache) > 16:  # a sweep over many strengths must not grow it forever
+                self._device_cache.clear()
             self._device_cache[key] = cached
         return cached
 
@@ -122,19 +129,18 @@ class LayerMap:
         elif x.shape[-1] != self.dim:
             raise ValueError(f"token map of {self.dim} neurons cannot act on a tensor shaped {tuple(x.shape)}")
         compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        slope, offset, lo, hi = self._params(compute, strength)
-        lam = abs(strength)
+        a, b, lo, hi = self._params(compute, strength)
         if self.kind == "conv":
+            # Only the channel mean m moves, to a m + b; the spatial detail x - m is kept.
             mean = compute.mean(dim=(-2, -1))
-            delta = torch.addcmul(offset, slope, mean)
+            delta = torch.addcmul(b, a, mean)
             if lo is not None:
                 delta = delta * ((mean >= lo) & (mean <= hi))
-            out = compute + (lam * delta)[..., None, None]
+            out = compute + delta[..., None, None]
         else:
-            delta = torch.addcmul(offset, slope, compute)
+            out = torch.addcmul(b, a, compute)
             if lo is not None:
-                delta = delta * ((compute >= lo) & (compute <= hi))
-            out = torch.add(compute, delta, alpha=lam)
+                out = torch.where((compute >= lo) & (compute <= hi), out, compute)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -232,6 +232,8 @@ class Collector:
 
     # ----- one sweep -----
 
+    @torch.no_grad()  # ComfyUI runs nodes in inference mode; scripts and tests may not, and the pooled
+    # rows must never hold on to a pass's autograd graph.
     def _sweep(self, batches: list[list[int]], record: set[str], apply_maps: dict[str, LayerMap],
                fit_args: tuple | None, stop_after: str | None, progress) -> dict:
         """Run batches through text encoder then diffusion model. Records pooled activations of the

@@ -27,6 +27,11 @@ def test_examples_match_the_node_definitions(object_info, tmp_path):
             f"{path.name} is stale: run python tools/make_workflows.py with a current /object_info")
 
 
+def test_comfyui_lists_the_examples_as_templates(server):
+    templates = server.get("/api/workflow_templates")
+    assert sorted(templates["ComfyUI-ACT"]) == sorted(make_workflows.SPECS)
+
+
 def test_every_node_type_exists_and_every_link_is_whole(object_info):
     for path in EXAMPLES.glob("*.json"):
         workflow = json.loads(path.read_text())

@@ -154,3 +154,12 @@ def test_interrupting_collection_leaves_the_model_sampling_as_before(server):
     executed = [m for m in after["status"]["messages"] if m[0] == "execution_cached"]
     assert "sampler" not in str(executed)  # really sampled again with the model the collection used
     assert image_digests(server, after) == image_digests(server, before)
+
+
+def test_soak_reduced(server):
+    from soak import soak
+    figures = soak(server, prompts=30)
+    print(f"\nsoak: {figures}")
+    assert figures["determinism_mismatches"] == 0
+    assert figures["recomputed_samples"] >= 20
+    assert figures["rss_growth_mb"] < 200  # flat after warm-up, allowing allocator noise

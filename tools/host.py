@@ -179,7 +179,7 @@ def provision_pinned() -> Host:
 
 
 def ensure_test_tools(host: Host) -> None:
-    probe = subprocess.run([str(host.python), "-c", "import pytest, hypothesis"], capture_output=True)
+    probe = subprocess.run([str(host.python), "-c", "import pytest, hypothesis, playwright"], capture_output=True)
     if probe.returncode != 0:
         run([host.python, "-m", "pip", "install", "--quiet", "-r", TEST_REQUIREMENTS])
 
@@ -225,9 +225,26 @@ def has_gpu(host: Host) -> bool:
     return probe.returncode == 0
 
 
+def ensure_browser() -> None:
+    """The browser tests drive Debian's Chromium (no browser download is needed or possible)."""
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        log("Chromium is missing and cannot be installed here (needs root and apt-get): browser tests will "
+            "be skipped; install Debian's 'chromium' package to run them")
+        return
+    log("installing Debian's chromium for the browser tests (once)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+        run(install, env=env, stdout=subprocess.DEVNULL)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     host = provision()
     ensure_test_tools(host)
+    ensure_browser()
     cmd = [str(host.python), "-m", "pytest", *args.pytest_args]
     log("$ " + " ".join(cmd))
     return subprocess.call(cmd, cwd=PACK_DIR, env=host.env())
