@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .steering import BRANCHES, MODES, steer_clip, steer_model
-from .types import Maps
+from .types import CATEGORY, Maps
 
 
 class ApplyTransportMaps(io.ComfyNode):
@@ -13,7 +13,7 @@ class ApplyTransportMaps(io.ComfyNode):
         return io.Schema(
             node_id="ACTApplyTransportMaps",
             display_name="Apply Transport Maps (AcT)",
-            category="conditioning/activation transport",
+            category=CATEGORY,
             description="Steers the model with learned maps. The inputs are never changed: patched copies "
                         "come out.",
             inputs=[

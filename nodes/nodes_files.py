@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..act_core import MapsFileError, load_maps, save_maps
-from .types import Maps
+from .types import CATEGORY, Maps
 
 FOLDER = "act"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()+-]{0,120}$")
@@ -38,7 +38,7 @@ class SaveTransportMaps(io.ComfyNode):
         return io.Schema(
             node_id="ACTSaveTransportMaps",
             display_name="Save Transport Maps (AcT)",
-            category="conditioning/activation transport",
+            category=CATEGORY,
             description="Writes the maps to models/act/<name>.safetensors so Load Transport Maps lists them.",
             inputs=[
                 Maps.Input("maps"),
@@ -66,7 +66,7 @@ class LoadTransportMaps(io.ComfyNode):
         return io.Schema(
             node_id="ACTLoadTransportMaps",
             display_name="Load Transport Maps (AcT)",
-            category="conditioning/activation transport",
+            category=CATEGORY,
             description="Reads maps saved in models/act. They work on the kind of model they were fitted on.",
             inputs=[io.Combo.Input("maps_name", options=folder_paths.get_filename_list(FOLDER),
                                    tooltip="Files in ComfyUI/models/act.")],

@@ -3,13 +3,28 @@ from __future__ import annotations
 
 import comfy.utils
 from comfy_api.latest import io
+from tqdm import tqdm
 
 from ..act_core import METHODS, SUPPORTS
 from .collection import SCHEDULES, CollectSettings, Collector, fit_maps, parse_prompts
 from .model_layers import WHERE
-from .types import Activations, Maps
+from .types import CATEGORY, Activations, Maps
 
 PRESETS = ("normalization layers", "custom pattern")
+
+
+class Progress:
+    """Model passes, shown on the node in the UI (ComfyUI's progress bar) and in the console."""
+
+    def __init__(self, total: int, what: str):
+        self.ui = comfy.utils.ProgressBar(total)
+        self.console = tqdm(total=total, desc=f"ComfyUI-ACT {what}", unit="pass")
+
+    def update(self, n: int) -> None:
+        self.ui.update(n)
+        self.console.update(n)
+        if self.console.n >= self.console.total:
+            self.console.close()
 
 
 class CollectActivations(io.ComfyNode):
@@ -18,7 +33,7 @@ class CollectActivations(io.ComfyNode):
         return io.Schema(
             node_id="ACTCollectActivations",
             display_name="Collect Activations (AcT)",
-            category="conditioning/activation transport",
+            category=CATEGORY,
             description="Runs the source and target prompts through the loaded model (one denoising step, "
                         "conditional branch only) and records each chosen layer's pooled activations.",
             inputs=[
@@ -66,7 +81,7 @@ class CollectActivations(io.ComfyNode):
                                    seed=seed)
         collector = Collector(model, clip, parse_prompts(source_prompts, "source_prompts"),
                               parse_prompts(target_prompts, "target_prompts"), settings)
-        activations = collector.collect(comfy.utils.ProgressBar(len(collector.batches())))
+        activations = collector.collect(Progress(len(collector.batches()), "collecting activations"))
         return io.NodeOutput(activations, activations.summary())
 
 
@@ -76,7 +91,7 @@ class FitTransportMaps(io.ComfyNode):
         return io.Schema(
             node_id="ACTFitTransportMaps",
             display_name="Fit Transport Maps (AcT)",
-            category="conditioning/activation transport",
+            category=CATEGORY,
             description="Learns, for every neuron, the map that moves source activations onto target ones.",
             inputs=[
                 Activations.Input("activations"),
@@ -98,7 +113,8 @@ class FitTransportMaps(io.ComfyNode):
 
     @classmethod
     def execute(cls, activations, method, support, estimation) -> io.NodeOutput:
-        maps = fit_maps(activations, method, support, estimation, progress_factory=comfy.utils.ProgressBar)
+        maps = fit_maps(activations, method, support, estimation,
+                        progress_factory=lambda total: Progress(total, "incremental fitting"))
         degenerate = sum(m.degenerate for m in maps.values())
         summary = (f"{len(maps)} layers, {maps.neurons()} neurons, {method} / {support} / {estimation}"
                    + (f"; {degenerate} neurons had no spread and are left as they are" if degenerate else ""))

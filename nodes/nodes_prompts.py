@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .prompts import DIRECTIONS, STYLES, concept_prompts, style_prompts
+from .types import CATEGORY
 
 CAPTIONS_TOOLTIP = ("Optional: your own captions, one per line, used instead of the built-in bank of "
                     "everyday scenes.")
@@ -15,7 +16,7 @@ class ConceptPrompts(io.ComfyNode):
         return io.Schema(
             node_id="ACTConceptPrompts",
             display_name="Concept Prompts (AcT)",
-            category="conditioning/activation transport",
+            category=CATEGORY,
             description="Builds prompt sets to remove a concept from images, or to add it.",
             inputs=[
                 io.String.Input("concept", default="a pink elephant",
@@ -42,7 +43,7 @@ class StylePrompts(io.ComfyNode):
         return io.Schema(
             node_id="ACTStylePrompts",
             display_name="Style Prompts (AcT)",
-            category="conditioning/activation transport",
+            category=CATEGORY,
             description="Builds prompt sets that teach a style: plain captions vs. the same captions with "
                         "style tags.",
             inputs=[

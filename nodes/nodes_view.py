@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..act_core import check_strength, layer_movement
 from .pictures import grid, labelled_tiles, movement_chart, part_of, to_image
-from .types import Maps
+from .types import CATEGORY, Maps
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -29,7 +29,7 @@ class StrengthSweep(io.ComfyNode):
         return io.Schema(
             node_id="ACTStrengthSweep",
             display_name="Strength Sweep (AcT)",
-            category="conditioning/activation transport",
+            category=CATEGORY,
             description="A list of strengths: connect it to Apply Transport Maps' strength and the graph "
                         "after it runs once per value. Feed the images to Strength Grid.",
             inputs=[io.String.Input("strengths", default="0, 0.25, 0.5, 0.75, 1",
@@ -48,7 +48,7 @@ class StrengthGrid(io.ComfyNode):
         return io.Schema(
             node_id="ACTStrengthGrid",
             display_name="Strength Grid (AcT)",
-            category="conditioning/activation transport",
+            category=CATEGORY,
             description="Lays the images of a strength sweep side by side with the strength under each, "
                         "and shows them as an animation.",
             inputs=[
@@ -87,7 +87,7 @@ class InspectMaps(io.ComfyNode):
         return io.Schema(
             node_id="ACTInspectMaps",
             display_name="Inspect Transport Maps (AcT)",
-            category="conditioning/activation transport",
+            category=CATEGORY,
             description="Draws how far each layer moves activations at strength 1, text encoder and UNet "
                         "blocks in model order, and summarises the maps.",
             inputs=[Maps.Input("maps")],

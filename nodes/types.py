@@ -3,3 +3,5 @@ from comfy_api.latest import io
 
 Activations = io.Custom("ACT_ACTIVATIONS")
 Maps = io.Custom("ACT_MAPS")
+
+CATEGORY = "conditioning/activation transport"

@@ -30,7 +30,7 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 import comfy.model_management  # noqa: E402,F401
 import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py, not this pack's nodes/)
 
-from make_models import THIN_SD15_NAME, tiny_model, write_thin_sd15  # noqa: E402
+from make_models import tiny_model, write_thin_sd15  # noqa: E402
 from pack_loader import load_pack  # noqa: E402
 from host_server import start_server, stop_server  # noqa: E402
 

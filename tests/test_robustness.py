@@ -15,7 +15,7 @@ import comfy.sample
 from act_core import MapsFileError, maps_from_bytes, maps_to_bytes
 from conftest import sample
 from test_apply import BOTH
-from test_learn import SOURCE, TARGET, all_hooks, collect, fit
+from test_learn import SOURCE, all_hooks, collect, fit
 
 
 def test_prompts_longer_than_the_text_window_are_pooled_over_all_their_tokens(pack, sdxl):

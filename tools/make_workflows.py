@@ -39,6 +39,32 @@ def _is_widget(kind: str, options: dict) -> bool:
     return kind in WIDGET_TYPES and not options.get("forceInput")
 
 
+COLUMN, GAP = 380, 40
+PREVIEWS = {"SaveImage", "PreviewImage", "ACTStrengthGrid"}
+
+
+def _height(info: dict, node_type: str) -> int:
+    """Tall enough for the node's sockets, widgets (multiline text boxes taller) and image previews."""
+    rows = 0
+    widgets = 0
+    for _name, kind, options in _inputs(info):
+        if _is_widget(kind, options):
+            widgets += 90 if options.get("multiline") else 26
+        else:
+            rows += 1
+    rows = max(rows, len(info["output"]))
+    return 46 + 22 * rows + widgets + (220 if node_type in PREVIEWS else 0)
+
+
+def _stack_columns(nodes: list[dict], columns: list[int], rows: list[int]) -> None:
+    """Each column top to bottom in row order, with a gap between nodes."""
+    tops: dict[int, int] = {}
+    for node, col, _row in sorted(zip(nodes, columns, rows), key=lambda t: (t[1], t[2])):
+        top = tops.get(col, 40)
+        node["pos"] = [40 + COLUMN * col, top]
+        tops[col] = top + node["size"][1] + GAP
+
+
 def build(spec: dict, object_info: dict) -> dict:
     """spec: {"nodes": {key: {"type", "col", "row", "widgets": {...}, "links": {input: [key, slot]}}},
     "notes": [(text, col, row)]} -> editor-format workflow."""
@@ -69,17 +95,20 @@ def build(spec: dict, object_info: dict) -> dict:
                 widgets.append(value)
                 if options.get("control_after_generate"):
                     widgets.append("fixed")
-        nodes.append({"id": ids[key], "type": node["type"], "pos": [40 + 380 * node["col"], 40 + 260 * node["row"]],
-                      "size": [340, 200], "flags": {}, "order": len(nodes), "mode": 0, "inputs": inputs,
+        nodes.append({"id": ids[key], "type": node["type"], "pos": [0, 0],
+                      "size": [340, _height(info, node["type"])], "flags": {}, "order": len(nodes), "mode": 0,
+                      "inputs": inputs,
                       "outputs": [], "properties": {"Node name for S&R": node["type"]}, "widgets_values": widgets,
                       "title": node.get("title", info.get("display_name", node["type"]))})
+    _stack_columns(nodes, [n["col"] for n in spec["nodes"].values()], [n["row"] for n in spec["nodes"].values()])
     for node in nodes:
         info = object_info[node["type"]]
         node["outputs"] = [{"name": name, "type": kind, "links": outputs_links.get((node["id"], slot), []),
                             "slot_index": slot}
                            for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"]))]
-    for i, (text, col, row) in enumerate(spec.get("notes", [])):
-        nodes.append({"id": len(ids) + i + 1, "type": "Note", "pos": [40 + 380 * col, 40 + 260 * row],
+    for i, (text, col, _row) in enumerate(spec.get("notes", [])):
+        below = max((n["pos"][1] + n["size"][1] for n in nodes if n["pos"][0] == 40 + COLUMN * col), default=0)
+        nodes.append({"id": len(ids) + i + 1, "type": "Note", "pos": [40 + COLUMN * col, below + GAP],
                       "size": [360, 220], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                       "properties": {"text": ""}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
     return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
