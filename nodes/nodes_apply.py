@@ -1,6 +1,8 @@
 """The apply node: one node between the loader and the sampler."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from .steering import BRANCHES, MODES, steer_clip, steer_model
@@ -44,6 +46,11 @@ class ApplyTransportMaps(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, maps, strength, start_percent, end_percent, branch, mode, clip=None) -> io.NodeOutput:
+        text_layers = sum(1 for name in maps if not name.startswith("diffusion_model."))
+        if clip is None and text_layers:
+            logging.getLogger("comfyui_act").warning(
+                "Apply Transport Maps: the maps hold %d text-encoder layers but no CLIP is connected; only the "
+                "diffusion model is steered. Connect the CLIP and use the CLIP output for the prompts.", text_layers)
         steered_model = steer_model(model, maps, strength, start_percent, end_percent, branch, mode)
         steered_clip = steer_clip(clip, maps, strength, mode) if clip is not None else None
         return io.NodeOutput(steered_model, steered_clip)

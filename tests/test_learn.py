@@ -149,3 +149,25 @@ def test_non_finite_activations_are_reported_with_the_layer(pack, sd15):
     with pytest.raises(ValueError, match="in_layers.0 produced NaN"):
         collect(pack, broken, clip, where="diffusion model")
     assert all_hooks(model.model) == 0
+
+
+def test_other_model_families_are_named_as_not_supported(pack, sd15):
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    from make_models import _unet_base
+    _model, clip, _ = sd15
+    unet = _unet_base() | dict(model_channels=64, context_dim=64, num_res_blocks=[1, 1], channel_mult=[1, 2],
+                               transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1],
+                               transformer_depth_middle=1, use_linear_in_transformer=True,
+                               num_classes="sequential", adm_in_channels=2560)
+    config = sm.SDXLRefiner(unet)
+    config.set_inference_dtype(torch.float32, None)
+    refiner = comfy.model_patcher.ModelPatcher(config.get_model({}, ""), load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="SDXLRefiner model, which ComfyUI-ACT does not support yet"):
+        collect(pack, refiner, clip)
+    maps = fit(pack, collect(pack, *sd15[:2], where="diffusion model")[0], "at once")
+    with pytest.raises(ValueError, match="SDXLRefiner model, which ComfyUI-ACT does not support yet"):
+        pack.nodes.nodes_apply.ApplyTransportMaps.execute(refiner, maps, 1.0, 0.0, 1.0,
+                                                          "conditional and unconditional", "exact", None)

@@ -163,3 +163,38 @@ def test_soak_reduced(server):
     assert figures["determinism_mismatches"] == 0
     assert figures["recomputed_samples"] >= 20
     assert figures["rss_growth_mb"] < 200  # flat after warm-up, allowing allocator noise
+
+
+def steered_graph(seed: int, steps: int, size: int, prefix: str) -> dict:
+    graph = sampling_graph(seed, "apply", prefix) | learn_nodes() | {
+        "apply": {"class_type": "ACTApplyTransportMaps", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "maps": ["fit", 0], "strength": 1.0, "start_percent": 0.0,
+            "end_percent": 1.0, "branch": "conditional and unconditional", "mode": "exact"}}}
+    graph["pos"]["inputs"]["clip"] = ["apply", 1]
+    graph["neg"]["inputs"]["clip"] = ["apply", 1]
+    graph["sampler"]["inputs"]["steps"] = steps
+    graph["latent"]["inputs"].update(width=size, height=size)
+    return graph
+
+
+def test_interrupting_steered_sampling_leaves_both_models_as_before(server):
+    steered_before = server.run(steered_graph(9, 3, 64, "steered_before"))
+    plain_before = server.run(sampling_graph(9, None, "plain_before"))
+    assert_success(steered_before)
+    assert_success(plain_before)
+    prompt_id = server.post("/prompt", {"prompt": steered_graph(9, 400, 128, "long")})["prompt_id"]
+    deadline = time.time() + 120
+    while not server.get("/queue")["queue_running"] and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(2.0)  # well inside the 400 steps
+    server.post("/interrupt", {})
+    while prompt_id not in server.get("/history") and time.time() < deadline:
+        time.sleep(0.2)
+    assert "execution_interrupted" in str(server.get(f"/history/{prompt_id}")[prompt_id]["status"]["messages"])
+    steered_after = server.run(steered_graph(9, 3, 64, "steered_after"))
+    plain_after = server.run(sampling_graph(9, None, "plain_after"))
+    for entry in (steered_after, plain_after):
+        assert_success(entry)
+        assert "sampler" not in str([m for m in entry["status"]["messages"] if m[0] == "execution_cached"])
+    assert image_digests(server, steered_after) == image_digests(server, steered_before)
+    assert image_digests(server, plain_after) == image_digests(server, plain_before)

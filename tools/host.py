@@ -167,7 +167,7 @@ def provision_pinned() -> Host:
     if not stamp.exists() or stamp.read_text().strip() != wanted:
         log("installing ComfyUI's requirements, this pack's and the test tools (a few minutes, once)")
         constraint_args = ["-c", CONSTRAINTS] if CONSTRAINTS.exists() else []
-        run([python, "-m", "pip", "install", "--quiet", *constraint_args, *TORCH_PINS, *requirements,
+        run([python, "-m", "pip", "install", "-qq", *constraint_args, *TORCH_PINS, *requirements,
              "-r", PACK_DIR / "requirements.txt", "-r", TEST_REQUIREMENTS])
         stamp.write_text(wanted)
     link = PINNED_COMFY_DIR / "custom_nodes" / PACK_LINK_NAME
@@ -181,7 +181,7 @@ def provision_pinned() -> Host:
 def ensure_test_tools(host: Host) -> None:
     probe = subprocess.run([str(host.python), "-c", "import pytest, hypothesis, playwright"], capture_output=True)
     if probe.returncode != 0:
-        run([host.python, "-m", "pip", "install", "--quiet", "-r", TEST_REQUIREMENTS])
+        run([host.python, "-m", "pip", "install", "-qq", "-r", TEST_REQUIREMENTS])
 
 
 def provision() -> Host:
@@ -199,9 +199,30 @@ def place_demo_checkpoint(host: Host) -> None:
     run([host.python, PACK_DIR / "tests" / "make_models.py", "thin-sd15", checkpoints], env=host.env())
 
 
+PACK_IMPORT_CHECK = """
+import asyncio, logging, sys
+sys.path.insert(0, sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import nodes
+logging.basicConfig(level=logging.WARNING)
+sys.exit(0 if asyncio.run(nodes.load_custom_node(sys.argv[2])) else 1)
+"""
+
+
+def check_pack_imports(host: Host) -> None:
+    """Load the pack the way ComfyUI does before starting it: ComfyUI itself only logs a failure."""
+    probe = subprocess.run([str(host.python), "-c", PACK_IMPORT_CHECK, str(host.comfy_dir), str(PACK_DIR)],
+                           capture_output=True, text=True, env=host.env())
+    if probe.returncode != 0:
+        sys.exit(f"ComfyUI could not import this pack; nothing was started.\n{probe.stdout}{probe.stderr}")
+    log("the pack imports cleanly into ComfyUI")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     host = provision()
     ensure_pack_visible(host)
+    check_pack_imports(host)
     place_demo_checkpoint(host)
     log(f"starting ComfyUI at http://{args.listen}:{args.port}")
     cmd = [str(host.python), "main.py", "--listen", args.listen, "--port", str(args.port),
