@@ -80,9 +80,9 @@ def sample(model, clip, vae=None, prompt="a house on a hill", seed=7, steps=4, s
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, thin_checkpoint):
+def server(tmp_path_factory, thin_checkpoint, output_dir):
     base = tmp_path_factory.mktemp("comfyui-base")
     srv = start_server(base, thin_checkpoint)
     yield srv
     stop_server(srv)
-    shutil.copy(srv.log_path, OUTPUT_DIR / "server.log") if OUTPUT_DIR.exists() else None
+    shutil.copy(srv.log_path, output_dir / "server.log")  # for people reading a failed run
