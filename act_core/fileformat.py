@@ -95,7 +95,8 @@ def _fail(source: str, problem: str) -> MapsFileError:
     return MapsFileError(f"{source} is not a usable ComfyUI-ACT maps file: {problem}")
 
 
-def _read_header(data: bytes, source: str) -> dict:
+def _read_header(data: bytes, source: str) -> tuple[dict, int]:
+    """The header's JSON object and its length in bytes."""
     if len(data) < 8:
         raise _fail(source, f"it is {len(data)} bytes long, too short for a safetensors header (truncated?)")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -110,7 +111,7 @@ def _read_header(data: bytes, source: str) -> dict:
         raise _fail(source, f"its header is not valid JSON ({error.msg}; corrupted or truncated)") from None
     if not isinstance(header, dict):
         raise _fail(source, "its header is not a JSON object")
-    return header
+    return header, header_len
 
 
 def _check_tensor_entries(header: dict, payload: int, source: str) -> None:
@@ -162,11 +163,10 @@ def _json_field(metadata: dict, key: str, source: str) -> dict:
 
 
 def maps_from_bytes(data: bytes, source: str = "<bytes>") -> TransportMaps:
-    header = _read_header(data, source)
+    header, header_len = _read_header(data, source)
     metadata = _metadata(header, source)
     layer_specs = _json_field(metadata, "layers", source)
     info = _json_field(metadata, "info", source)
-    header_len = struct.unpack("<Q", data[:8])[0]
     _check_tensor_entries(header, len(data) - 8 - header_len, source)
 
     expected = {f"{name}/{key}" for name in layer_specs for key in FIELDS}

@@ -7,8 +7,6 @@ import time
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import comfy.model_management
 import comfy.sample
@@ -101,30 +99,24 @@ def _valid_file() -> bytes:
 VALID = _valid_file()
 
 
-MUTATIONS = {"cases": 0, "refused": 0, "loaded": 0}
-
-
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6))
-def test_byte_flipped_files_load_validly_or_fail_cleanly(flips):
-    data = bytearray(VALID)
-    for position, value in flips:
-        data[position % len(data)] = value
-    MUTATIONS["cases"] += 1
-    try:
-        maps = maps_from_bytes(bytes(data), source="flipped.safetensors")
-    except MapsFileError as error:
-        MUTATIONS["refused"] += 1
-        assert "flipped.safetensors" in str(error)
-        return
-    MUTATIONS["loaded"] += 1  # a flip inside tensor data: still a valid, finite file
-    for layer in maps.values():
-        assert torch.isfinite(layer.scale).all() and torch.isfinite(layer.shift).all()
-
-
-def test_report_fuzz_counts():
-    print(f"\nbyte-flip fuzz: {MUTATIONS}")
-    assert MUTATIONS["cases"] >= 400 and MUTATIONS["refused"] > 0
+def test_byte_flipped_files_load_validly_or_fail_cleanly():
+    counts = {"cases": 400, "refused": 0, "loaded": 0}
+    rng = random.Random(0)
+    for _ in range(counts["cases"]):
+        data = bytearray(VALID)
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            maps = maps_from_bytes(bytes(data), source="flipped.safetensors")
+        except MapsFileError as error:
+            counts["refused"] += 1
+            assert "flipped.safetensors" in str(error)
+            continue
+        counts["loaded"] += 1  # a flip inside tensor data: still a valid, finite file
+        for layer in maps.values():
+            assert torch.isfinite(layer.scale).all() and torch.isfinite(layer.shift).all()
+    print(f"\nbyte-flip fuzz: {counts}")
+    assert counts["refused"] > 0
 
 
 def test_collection_over_2048_plus_2048_prompts_keeps_memory_to_prompts_times_neurons(pack, sd15):

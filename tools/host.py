@@ -257,7 +257,7 @@ def ensure_browser() -> None:
     log("installing Debian's chromium for the browser tests (once)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:  # stale lists
         run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
         run(install, env=env, stdout=subprocess.DEVNULL)
 
