@@ -220,8 +220,10 @@ def test_thin_sd15_checkpoint_converts_to_the_same_network(thin_checkpoint):
 def _check_against_comfy_table(layers: PipelineLayers, unet_map: dict, comfy_state: dict) -> int:
     """Every module ComfyUI's own key table (comfy.utils.unet_to_diffusers) pairs must translate the same way."""
     checked = 0
+    diffusers_state = layers.unet.state_dict()
     for diffusers_key, comfy_key in unet_map.items():
-        if comfy_key not in comfy_state:
+        # The table also lists keys of other layouts (class_embedding beside add_embedding, a last downsampler).
+        if comfy_key not in comfy_state or diffusers_key not in diffusers_state:
             continue
         comfy_module, diffusers_module = comfy_key.rsplit(".", 1)[0], diffusers_key.rsplit(".", 1)[0]
         pack = f"diffusion_model.{comfy_module}"
@@ -248,8 +250,8 @@ def test_name_translation_agrees_with_comfyui_key_table_and_weights(case):
             target = layers.to_diffusers([name])[name]
         except TranslationError:
             continue
-        theirs = dict(layers.module(target).named_parameters())
-        ours = dict(module.named_parameters())
+        theirs = dict(layers.module(target).named_parameters(recurse=False))
+        ours = dict(module.named_parameters(recurse=False))
         assert set(ours) == set(theirs), name
         for key, value in ours.items():
             assert torch.equal(value.float(), theirs[key].float()), f"{name}.{key}"
@@ -332,9 +334,8 @@ def test_pooled_activations_agree_across_hosts(pack, case):
         assert relative_error(theirs, oracle[name]) <= RELATIVE, name
         mine = torch.cat([ours.source[name], ours.target[name]])
         assert relative_error(mine, oracle[name]) <= RELATIVE, name
-    assert ours.kinds == {n: comfy.kinds[n] for n in ours.order if n in comfy.kinds} | {
-        n: k for n, k in ours.kinds.items() if n not in comfy.kinds}
-    assert {k: v for k, v in ours.info.items()} == {k: v for k, v in comfy.info.items()}
+        assert ours.kinds[name] == comfy.kinds[name], name
+    assert ours.info == comfy.info
 
 
 # ----- steering both ways -----
@@ -384,15 +385,22 @@ def test_maps_fitted_in_diffusers_load_and_steer_comfyui_alike(pack, case, tmp_p
 
 def test_both_hosts_fit_the_same_maps(pack, case):
     family, model, clip, pipe = case
-    comfy = pack.nodes.nodes_learn.FitTransportMaps.execute(
-        comfy_collect(pack, model, clip, where="diffusion model"), "linear", "q_0_100", "incremental").args[0]
+    activations = comfy_collect(pack, model, clip, where="diffusion model")
+    comfy = pack.nodes.nodes_learn.FitTransportMaps.execute(activations, "linear", "q_0_100", "incremental").args[0]
     ours = fit_maps(collect_activations(pipe, SOURCE, TARGET, where="diffusion model", resolution=RESOLUTION))
     assert list(ours) == list(comfy)
     assert ours.info == comfy.info
+    # A least-squares slope from 8 samples amplifies float noise in its intercept; the affine map's values
+    # on the source activations are the well-conditioned quantity (ungated: the sources lie on the
+    # support's very ends, where float noise decides in or out).
+    worst = 0.0
     for name in comfy:
-        for key in ("scale", "shift", "lo", "hi"):
-            a, b = getattr(ours[name], key), getattr(comfy[name], key)
-            assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max())), (name, key)
+        source = activations.source[name]
+        moved = [layer.scale * source + layer.shift for layer in (ours[name], comfy[name])]
+        worst = max(worst, relative_error(*moved))
+        for key in ("lo", "hi"):
+            assert relative_error(getattr(ours[name], key), getattr(comfy[name], key)) <= RELATIVE, (name, key)
+    assert worst <= RELATIVE
 
 
 def test_maps_of_another_family_are_refused(pack, request):
