@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -427,3 +429,15 @@ def test_readme_example_runs(request, tmp_path, monkeypatch):
     assert load_maps(tmp_path / "watercolor.safetensors").family == "SD1.x"
     hooks = [m for m in pipe.unet.modules() if m._forward_hooks] + [m for m in pipe.text_encoder.modules() if m._forward_hooks]
     assert hooks == []
+
+
+# ----- an optional extra -----
+
+def test_act_core_imports_without_diffusers_and_names_the_extra_when_it_is_needed(request, monkeypatch):
+    check = ("import sys, act_core, act_core.diffusers; "
+             "sys.exit(1 if {'diffusers', 'transformers'} & set(sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", check], cwd=PACK_DIR).returncode == 0
+    pipe = pipeline_for(request, "sd15", "SD1.x")
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ImportError, match=r"diffusers is missing.*'diffusers' extra"):
+        PipelineLayers(pipe)
