@@ -283,10 +283,10 @@ def test_an_untranslatable_name_is_refused_by_name(case):
 
 # ----- collecting -----
 
-def comfy_collect(pack, model, clip, where="both"):
+def comfy_collect(pack, model, clip, where="both", batch_size=16):
     node = pack.nodes.nodes_learn.CollectActivations
     return node.execute(model, clip, "\n".join(SOURCE), "\n".join(TARGET), where=where, layers="normalization layers",
-                        resolution=RESOLUTION, noise_levels=1, batch_size=16, seed=0).args[0]
+                        resolution=RESOLUTION, noise_levels=1, batch_size=batch_size, seed=0).args[0]
 
 
 def plain_hook_collection(pipe, names: list[str]) -> dict[str, torch.Tensor]:
@@ -385,11 +385,10 @@ def test_maps_fitted_in_diffusers_load_and_steer_comfyui_alike(pack, case, tmp_p
     assert_steered_alike(pack, model, clip, pipe, loaded, 0.8)
 
 
-def test_both_hosts_fit_the_same_maps(pack, case):
-    family, model, clip, pipe = case
-    activations = comfy_collect(pack, model, clip, where="diffusion model")
+def assert_same_maps(pack, model, clip, pipe, where: str, batch_size: int, tolerance: float = RELATIVE) -> None:
+    activations = comfy_collect(pack, model, clip, where=where, batch_size=batch_size)
     comfy = pack.nodes.nodes_learn.FitTransportMaps.execute(activations, "linear", "q_0_100", "incremental").args[0]
-    ours = fit_maps(collect_activations(pipe, SOURCE, TARGET, where="diffusion model", resolution=RESOLUTION))
+    ours = fit_maps(collect_activations(pipe, SOURCE, TARGET, where=where, resolution=RESOLUTION, batch_size=batch_size))
     assert list(ours) == list(comfy)
     assert ours.info == comfy.info
     # A least-squares slope from 8 samples amplifies float noise in its intercept; the affine map's values
@@ -401,8 +400,19 @@ def test_both_hosts_fit_the_same_maps(pack, case):
         moved = [layer.scale * source + layer.shift for layer in (ours[name], comfy[name])]
         worst = max(worst, relative_error(*moved))
         for key in ("lo", "hi"):
-            assert relative_error(getattr(ours[name], key), getattr(comfy[name], key)) <= RELATIVE, (name, key)
-    assert worst <= RELATIVE
+            assert relative_error(getattr(ours[name], key), getattr(comfy[name], key)) <= tolerance, (name, key)
+    assert worst <= tolerance
+
+
+def test_both_hosts_fit_the_same_maps(pack, case):
+    family, model, clip, pipe = case
+    assert_same_maps(pack, model, clip, pipe, "diffusion model", batch_size=16)
+
+
+def test_block_by_block_fitting_matches_the_pack(pack, request):
+    """Prompts in two batches: both hosts fit block by block."""
+    model, clip, _vae = request.getfixturevalue("sd15")
+    assert_same_maps(pack, model, clip, pipeline_for(request, "sd15", "SD1.x"), "diffusion model", batch_size=8)
 
 
 def test_maps_of_another_family_are_refused(pack, request):
