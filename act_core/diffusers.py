@@ -605,7 +605,9 @@ def collect_activations(pipe, source_prompts: list[str], target_prompts: list[st
     """Pooled activations of the source and target prompts, as Collect Activations records them in ComfyUI.
 
     where: "diffusion model", "text encoder" or "both"; pattern: "" = normalisation layers, else a regular
-    expression over the pack's layer names; resolution: 0 = the pipeline's default size.
+    expression over the pack's layer names (of the layers with a diffusers counterpart); resolution: 0 =
+    the pipeline's default size; batch_size: prompts per model call (all in one batch: incremental
+    fitting costs one more pass; fewer: one sweep per block).
     """
     collector = _Collector(pipe, list(source_prompts), list(target_prompts), where, pattern, resolution,
                            batch_size, seed)
