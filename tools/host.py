@@ -13,7 +13,7 @@ Which ComfyUI is used, in this order:
      environment in .host/venv. This pack is linked into its custom_nodes folder.
 
 In cases 1 and 2 the interpreter running this script is used (run it with ComfyUI's own Python);
-only the test tools (pytest, hypothesis) are added to it when missing.
+only the test tools (pytest, hypothesis, playwright, diffusers) are added to it when missing.
 
 Standard library only: this script must run before anything is installed.
 """
@@ -179,7 +179,9 @@ def provision_pinned() -> Host:
 
 
 def ensure_test_tools(host: Host) -> None:
-    probe = subprocess.run([str(host.python), "-c", "import pytest, hypothesis, playwright"], capture_output=True)
+    """The test tools, and diffusers, which the tests of act_core/diffusers.py check ComfyUI against."""
+    probe = subprocess.run([str(host.python), "-c", "import pytest, hypothesis, playwright, diffusers"],
+                           capture_output=True)
     if probe.returncode != 0:
         run([host.python, "-m", "pip", "install", "-qq", "-r", TEST_REQUIREMENTS])
 
