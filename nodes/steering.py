@@ -6,8 +6,14 @@ exact: one object patch on "diffusion_model.forward" (and on each text encoder's
        clone of the shared nn.Module untouched, and no hook outlives a call (an interrupt included).
        Hooks are prepended, so when apply nodes are chained the inner (earlier) node's maps run
        first, as the graph reads.
+       Each hook runs one Triton kernel on CUDA (act_core.kernels), the PyTorch reference elsewhere.
 fused: maps folded into the weights of the layer that produces the activation, as ComfyUI weight
-       patches (the same mechanism as a LoRA): no per-step cost.
+       patches (the same mechanism as a LoRA): no per-step cost, and ComfyUI applies them however it
+       holds the model (fully on the GPU, offloaded, or partially loaded with weights cast per call).
+       The fold starts from the weights this clone would compute with (the original weights plus
+       the clone's earlier patches: LoRAs, earlier apply nodes), never from whatever another clone
+       left patched in the shared module, and the differences are kept in float32 where ComfyUI
+       keeps patches (the offload device).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..act_core import TransportMaps, check_strength
+from ..act_core import TransportMaps, check_strength, kernels
 from .model_layers import ActError, check_maps_fit, clip_modules, is_unet_layer, unet_modules
 
 log = logging.getLogger("comfyui_act")
@@ -51,12 +57,14 @@ def original_or_patched(patcher, key: str, owner: torch.nn.Module, attribute: st
 
 
 def _map_hook(layer_map, strength: float, rows: Callable[[], torch.Tensor | None]) -> Hook:
+    move = kernels.transport(layer_map, strength)
+
     def hook(_module, _inputs, output):
         selected = rows()
         if selected is None:
-            return layer_map.apply(output, strength)
+            return move(output)
         moved = output.clone()
-        moved[selected] = layer_map.apply(output[selected], strength)
+        moved[selected] = move(output[selected])
         return moved
     return hook
 
@@ -76,17 +84,23 @@ class _CallState:
 
     def __init__(self):
         self.rows: torch.Tensor | None = None
+        self._index_cache: dict = {}
 
     def get(self) -> torch.Tensor | None:
         return self.rows
 
-
-def _conditional_rows(transformer_options: dict, batch: int) -> torch.Tensor | None:
-    """Rows of the batch that belong to the conditional branch (cond_or_uncond marks 0 = cond)."""
-    chunks = transformer_options.get("cond_or_uncond") or [0]
-    size = batch // len(chunks)
-    rows = [i for c, kind in enumerate(chunks) if kind == 0 for i in range(c * size, (c + 1) * size)]
-    return torch.tensor(rows, dtype=torch.long)
+    def conditional_rows(self, transformer_options: dict, batch: int, device: torch.device) -> torch.Tensor:
+        """Rows of the batch that belong to the conditional branch (cond_or_uncond marks 0 = cond), as
+        an index on the activations' device, built once per batch layout rather than once per call."""
+        chunks = tuple(transformer_options.get("cond_or_uncond") or [0])
+        key = (chunks, batch, device)
+        rows = self._index_cache.get(key)
+        if rows is None:
+            size = batch // len(chunks)
+            rows = torch.tensor([i for c, kind in enumerate(chunks) if kind == 0
+                                 for i in range(c * size, (c + 1) * size)], dtype=torch.long, device=device)
+            self._index_cache[key] = rows
+        return rows
 
 
 def steer_model(model, maps: TransportMaps, strength: float, start_percent: float = 0.0,
@@ -105,7 +119,7 @@ def steer_model(model, maps: TransportMaps, strength: float, start_percent: floa
     whole_window = start_percent == 0.0 and end_percent == 1.0
     if mode == "fused":
         if whole_window and branch == BRANCHES[0]:
-            layers = _fold(patched, layers, modules, strength, patched.add_patches)
+            layers = _fold(patched, layers, modules, strength)
         else:
             log.warning("ComfyUI-ACT: fused mode cannot limit the sampling window or the branch; "
                         "using exact mode for the diffusion model")
@@ -126,7 +140,7 @@ def steer_model(model, maps: TransportMaps, strength: float, start_percent: floa
             if sigma > sigma_start or sigma < sigma_end:
                 return []
         x = args[0] if args else kwargs.get("x")
-        state.rows = _conditional_rows(options, x.shape[0]) if branch == BRANCHES[1] else None
+        state.rows = state.conditional_rows(options, x.shape[0], x.device) if branch == BRANCHES[1] else None
         return hooks
 
     key = "diffusion_model.forward"
@@ -146,7 +160,7 @@ def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = "exact"):
         return patched
     modules = clip_modules(clip)
     if mode == "fused":
-        layers = _fold(patched, layers, modules, strength, patched.add_patches)
+        layers = _fold(patched.patcher, layers, modules, strength)
     by_encoder: dict[str, list] = {}
     for name, layer in layers.items():
         by_encoder.setdefault(name.split(".", 1)[0], []).append((modules[name], _map_hook(layer, strength, lambda: None)))
@@ -158,22 +172,41 @@ def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = "exact"):
     return patched
 
 
-def _fold(patched, layers: dict, modules: dict, strength: float, add_patches) -> dict:
-    """Fold what can be folded into weight patches; return the layers left for exact hooks."""
+def _weight_as_patched(patcher, key: str) -> torch.Tensor:
+    """The float32 weight `key` as this clone computes with it: the original weight (ComfyUI's backup
+    when another load patched the shared module in place), dequantised where stored quantised, plus
+    the clone's own earlier patches. On the device the weight is on now."""
+    import comfy.lora
+    import comfy.model_patcher
+    weight, _set, convert = comfy.model_patcher.get_key_weight(patcher.model, key)
+    backup = patcher.backup.get(key)
+    if backup is not None:
+        weight = backup.weight
+    weight = weight.detach().to(torch.float32, copy=True)
+    if convert is not None:
+        weight = convert(weight, inplace=True)
+    earlier = patcher.patches.get(key)
+    return comfy.lora.calculate_weight(earlier, weight, key) if earlier else weight
+
+
+def _fold(patcher, layers: dict, modules: dict, strength: float) -> dict:
+    """Fold what can be folded into weight patches on `patcher`; return the layers left for exact hooks."""
     left = {}
     patches = {}
+    keep = getattr(patcher, "offload_device", None) or torch.device("cpu")
     for name, layer in layers.items():
         module = modules[name]
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
+        if not isinstance(getattr(module, "weight", None), torch.Tensor) or not isinstance(
+                getattr(module, "bias", None), torch.Tensor):
             left[name] = layer
             continue
         source = layer.inverse() if strength < 0 else layer
-        d_weight, d_bias = source.fold(weight, bias)
-        patches[f"{name}.weight"] = (d_weight.to(weight.dtype),)
-        patches[f"{name}.bias"] = (d_bias.to(bias.dtype),)
+        d_weight, d_bias = source.fold(_weight_as_patched(patcher, f"{name}.weight"),
+                                       _weight_as_patched(patcher, f"{name}.bias"))
+        patches[f"{name}.weight"] = (d_weight.to(keep),)
+        patches[f"{name}.bias"] = (d_bias.to(keep),)
     if patches:
-        accepted = set(add_patches(patches, abs(strength)))
+        accepted = set(patcher.add_patches(patches, abs(strength)))
         missing = sorted(set(patches) - accepted)
         if missing:
             raise ActError(f"ComfyUI refused weight patches for {len(missing)} layers (e.g. {missing[0]}); "
