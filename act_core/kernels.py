@@ -28,7 +28,7 @@ import torch
 
 from .maps import LayerMap, check_strength
 
-__all__ = ["available", "transport", "fast_apply"]
+__all__ = ["available", "transport", "fast_apply", "ENABLED"]
 
 try:
     import triton
@@ -38,6 +38,10 @@ except ImportError:  # CPU-only installs of torch come without Triton: the refer
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# COMFYUI_ACT_KERNELS=0 turns the fast path off (the reference runs everywhere): a way out should a
+# driver or Triton build misbehave, and how bench/gpu-check times the reference on the same card.
+# Read when a transport function is made, so it can also be switched between steer calls.
+ENABLED = os.environ.get("COMFYUI_ACT_KERNELS", "1") != "0"
 
 
 def available() -> bool:
@@ -143,7 +147,7 @@ def transport(layer: LayerMap, strength: float, fast: bool = True) -> Callable[[
     strength = check_strength(strength)
     if strength == 0.0:
         return lambda x: x
-    use_kernel = fast and triton is not None
+    use_kernel = fast and ENABLED and triton is not None
     on_device: dict[torch.device, tuple] = {}
 
     def run(x: torch.Tensor) -> torch.Tensor:
