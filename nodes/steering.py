@@ -1,12 +1,17 @@
 """Put transport maps on a ComfyUI MODEL or CLIP, functionally: clone, patch the clone, return it.
 
-exact: one object patch on "diffusion_model.forward" (and on each text encoder's "clip_x.forward")
-       that registers forward hooks on the mapped layers for the duration of that call and removes
-       them in `finally`. Patching the .forward attribute, never swapping modules, keeps every other
-       clone of the shared nn.Module untouched, and no hook outlives a call (an interrupt included).
-       Hooks are prepended, so when apply nodes are chained the inner (earlier) node's maps run
-       first, as the graph reads.
-       Each hook runs one Triton kernel on CUDA (act_core.kernels), the PyTorch reference elsewhere.
+exact: diffusion model: an object patch on the .forward of each mapped layer (wrapping the layer's
+       forward and transporting its output) and one on "diffusion_model.forward" that tells them,
+       per call, whether this step is inside the sampling window and which batch rows to move.
+       ComfyUI sets object patches when it loads this clone and restores the originals when another
+       clone is loaded, so no other clone of the shared nn.Module is touched; per step the cost is
+       one Python call and one kernel per layer, with nothing registered or removed (forward hooks,
+       registered per call, cost as much as the arithmetic on a GPU).
+       Text encoders (run once per prompt, not per step): one object patch on "clip_x.forward" that
+       registers forward hooks on the mapped layers for that call and removes them in `finally`.
+       Either way, when apply nodes are chained the inner (earlier) node's maps run first, as the
+       graph reads. The transport runs one Triton kernel on CUDA (act_core.kernels), the PyTorch
+       reference elsewhere.
 fused: maps folded into the weights of the layer that produces the activation, as ComfyUI weight
        patches (the same mechanism as a LoRA): no per-step cost, and ComfyUI applies them however it
        holds the model (fully on the GPU, offloaded, or partially loaded with weights cast per call).
@@ -56,16 +61,11 @@ def original_or_patched(patcher, key: str, owner: torch.nn.Module, attribute: st
     return getattr(type(owner), attribute).__get__(owner)
 
 
-def _map_hook(layer_map, strength: float, rows: Callable[[], torch.Tensor | None]) -> Hook:
+def _map_hook(layer_map, strength: float) -> Hook:
     move = kernels.transport(layer_map, strength)
 
     def hook(_module, _inputs, output):
-        selected = rows()
-        if selected is None:
-            return move(output)
-        moved = output.clone()
-        moved[selected] = move(output[selected])
-        return moved
+        return move(output)
     return hook
 
 
@@ -80,14 +80,12 @@ def _steered_forward(inner: Callable, hooks_for_call: Callable[[tuple, dict], li
 
 
 class _CallState:
-    """Which batch rows the current diffusion-model call steers (None: all of them)."""
+    """Whether the current diffusion-model call is steered, and which batch rows (None: all)."""
 
     def __init__(self):
+        self.active = False
         self.rows: torch.Tensor | None = None
         self._index_cache: dict = {}
-
-    def get(self) -> torch.Tensor | None:
-        return self.rows
 
     def conditional_rows(self, transformer_options: dict, batch: int, device: torch.device) -> torch.Tensor:
         """Rows of the batch that belong to the conditional branch (cond_or_uncond marks 0 = cond), as
@@ -130,24 +128,58 @@ def steer_model(model, maps: TransportMaps, strength: float, start_percent: floa
     sigma_start = float(model_sampling.percent_to_sigma(start_percent))
     sigma_end = float(model_sampling.percent_to_sigma(end_percent))
     state = _CallState()
-    hooks = [(modules[n], _map_hook(m, strength, state.get)) for n, m in layers.items()]
+    for name, layer in layers.items():
+        key = f"{name}.forward"
+        inner = original_or_patched(patched, key, modules[name], "forward")
+        patched.add_object_patch(key, _transported_forward(inner, kernels.transport(layer, strength), state))
 
-    def hooks_for_call(args: tuple, kwargs: dict) -> list:
+    def begin_call(args: tuple, kwargs: dict) -> None:
         options = kwargs.get("transformer_options") or {}
         sigmas = options.get("sigmas")
         if sigmas is not None and not whole_window:
             sigma = float(sigmas.flatten()[0])
             if sigma > sigma_start or sigma < sigma_end:
-                return []
+                state.active = False
+                return
         x = args[0] if args else kwargs.get("x")
         state.rows = state.conditional_rows(options, x.shape[0], x.device) if branch == BRANCHES[1] else None
-        return hooks
+        state.active = True
 
     key = "diffusion_model.forward"
     dm = model.model.diffusion_model
     inner = original_or_patched(patched, key, dm, "forward")
-    patched.add_object_patch(key, _steered_forward(inner, hooks_for_call))
+    patched.add_object_patch(key, _call_scoped_forward(inner, begin_call, state))
     return patched
+
+
+def _transported_forward(inner: Callable, move: Callable[[torch.Tensor], torch.Tensor], state: _CallState):
+    """A layer's forward that transports its output while `state` says the current call is steered."""
+    def forward(*args, **kwargs):
+        output = inner(*args, **kwargs)
+        if not state.active:
+            return output
+        if not isinstance(output, torch.Tensor):
+            raise ActError(f"a mapped layer returned {type(output).__name__}, not a tensor; these maps do not fit "
+                           "this model: fit maps on it with Fit Transport Maps")
+        rows = state.rows
+        if rows is None:
+            return move(output)
+        moved = output.clone()
+        moved[rows] = move(output[rows])
+        return moved
+    return forward
+
+
+def _call_scoped_forward(inner: Callable, begin_call: Callable[[tuple, dict], None], state: _CallState):
+    """The diffusion model's forward, with the layers' state set for this call and cleared after it,
+    so that the layers never move anything outside a call of this clone (an interrupt included)."""
+    def forward(*args, **kwargs):
+        begin_call(args, kwargs)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            state.active = False
+    return forward
 
 
 def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = "exact"):
@@ -163,7 +195,7 @@ def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = "exact"):
         layers = _fold(patched.patcher, layers, modules, strength)
     by_encoder: dict[str, list] = {}
     for name, layer in layers.items():
-        by_encoder.setdefault(name.split(".", 1)[0], []).append((modules[name], _map_hook(layer, strength, lambda: None)))
+        by_encoder.setdefault(name.split(".", 1)[0], []).append((modules[name], _map_hook(layer, strength)))
     stage = clip.cond_stage_model
     for encoder, hooks in by_encoder.items():
         key = f"{encoder}.forward"
