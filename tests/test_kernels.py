@@ -59,13 +59,84 @@ print(json.dumps(rows))
 ULP = {"torch.float32": 2.0 ** -22, "torch.float16": 2.0 ** -10, "torch.bfloat16": 2.0 ** -7}
 
 
-@pytest.fixture(scope="module")
-def comparison():
+STEERED_CALL = r"""
+import json, os, sys, torch
+sys.path[:0] = [os.environ["COMFYUI_PATH"], "tests"]
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.model_management
+from make_models import build_model
+from pack_loader import load_pack
+pack = load_pack()
+kernels, steering = pack.act_core.kernels, pack.nodes.steering
+assert kernels.available(), "Triton's interpreter is not active"
+launches = []
+launch = kernels._launch
+kernels._launch = lambda *a: launches.append(1) or launch(*a)
+model, _ = build_model("SD15", 0)
+g = torch.Generator().manual_seed(0)
+x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g)
+
+
+def unet_call(patcher):
+    comfy.model_management.unload_all_models()
+    patcher.patch_model(device_to=patcher.load_device)
+    try:
+        with torch.no_grad():
+            return patcher.model.apply_model(x, torch.tensor([5.0, 5.0]), c_crossattn=context)
+    finally:
+        patcher.unpatch_model(device_to=patcher.offload_device)
+
+
+result = {"plain": unet_call(model)}
+for method in ("linear", "gaussian"):
+    layers = {}
+    for name, module in model.model.diffusion_model.named_modules():
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            conv = isinstance(module, torch.nn.GroupNorm)
+            width = module.num_channels if conv else module.normalized_shape[-1]
+            layers["diffusion_model." + name] = pack.act_core.fit_layer(
+                torch.randn(32, width, generator=g), torch.randn(32, width, generator=g) * 1.3 + 0.2, method,
+                kind="conv" if conv else "token")
+    maps = pack.act_core.TransportMaps(layers, {"family": "SD1.x"})
+    before = len(launches)
+    result[method] = unet_call(steering.steer_model(model, maps, 0.8, mode="exact"))
+    result[method + "_launches"] = len(launches) - before
+    kernels.ENABLED = False
+    before = len(launches)
+    result[method + "_reference"] = unet_call(steering.steer_model(model, maps, 0.8, mode="exact"))
+    result[method + "_reference_launches"] = len(launches) - before
+    kernels.ENABLED = True
+    result["layers"] = len(layers)
+torch.save(result, sys.argv[1])
+"""
+
+
+def run_interpreted(script: str, *argv: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(PACK_DIR))
-    done = subprocess.run([sys.executable, "-c", COMPARE], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
                           timeout=600, cwd=PACK_DIR)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done
+
+
+def test_exact_mode_runs_each_layer_through_the_kernel_and_matches_the_reference(tmp_path):
+    """The whole exact-mode path (layer patches -> transport -> kernel) in one UNet call, through
+    the interpreter, against the same steering with the kernels switched off."""
+    run_interpreted(STEERED_CALL, str(tmp_path / "out.pt"))
+    result = torch.load(tmp_path / "out.pt")
+    plain = result["plain"]
+    for method in ("linear", "gaussian"):
+        assert result[f"{method}_launches"] == result["layers"] and result[f"{method}_reference_launches"] == 0
+        kernel, reference = result[method], result[f"{method}_reference"]
+        moved = (reference - plain).pow(2).mean().sqrt()
+        assert moved > 1e-3 * plain.pow(2).mean().sqrt()
+        assert (kernel - reference).pow(2).mean().sqrt() < 1e-4 * moved
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    return json.loads(run_interpreted(COMPARE).stdout.strip().splitlines()[-1])
 
 
 def test_kernel_matches_the_reference_for_every_form_dtype_and_shape(comparison):
