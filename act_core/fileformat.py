@@ -1,12 +1,18 @@
 """The maps file: safetensors (no pickle, no code) with JSON metadata.
 
-Layout, format version 1:
+Layout, format version 2:
     tensors   "<layer>/scale", "<layer>/shift", "<layer>/lo", "<layer>/hi", float32 [D] each
     metadata  "format":         "comfyui-act-maps"
-              "format_version": "1"
-              "layers":         JSON {layer: {"dim": D, "kind": "token"|"conv", "degenerate": n}}
+              "format_version": "1" or "2"
+              "layers":         JSON {layer: {"dim": D, "kind": "token"|"conv", "degenerate": n,
+                                              "form": "mean"|"pixel"}}   (form: conv layers only)
               "info":           JSON object (see TransportMaps.info)
               "strength":       a sentence on lambda's meaning, for people reading the header
+
+Version 2 added the conv form (version 1 files know only the mean form, and a conv layer without
+"form" means "mean"). A file is written with the lowest version that expresses it: maps holding no
+pixel-form layer stay version 1, readable by older releases; a pixel-form layer makes it version 2,
+which older releases refuse by name instead of applying it in the wrong form.
 
 Writing is atomic: a temporary file in the same folder, flushed to disk, then renamed over the
 target, so a crash never leaves a half-written maps file. Reading checks the header by hand before
@@ -25,12 +31,12 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .maps import KINDS, LayerMap, TransportMaps
+from .maps import CONV_FORMS, KINDS, LayerMap, TransportMaps
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MapsFileError", "save_maps", "load_maps", "maps_to_bytes", "maps_from_bytes"]
 
 FORMAT = "comfyui-act-maps"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STRENGTH_SEMANTICS = ("0 = untouched; 1 = activations moved onto the target distribution; in between = "
                       "linear interpolation; > 1 extrapolates; < 0 applies the inverse map")
 FIELDS = ("scale", "shift", "lo", "hi")
@@ -51,9 +57,12 @@ def maps_to_bytes(maps: TransportMaps) -> bytes:
         for key in FIELDS:
             tensors[f"{name}/{key}"] = getattr(layer, key).contiguous()
         layers[name] = {"dim": layer.dim, "kind": layer.kind, "degenerate": int(layer.degenerate)}
+        if layer.kind == "conv":
+            layers[name]["form"] = layer.form
+    pixel = any(spec.get("form") == "pixel" for spec in layers.values())
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if pixel else 1),
         "layers": json.dumps(layers),
         "info": json.dumps(maps.info, sort_keys=True),
         "strength": STRENGTH_SEMANTICS,
@@ -191,8 +200,11 @@ def maps_from_bytes(data: bytes, source: str = "<bytes>") -> TransportMaps:
             raise _fail(source, f"layer {name!r} has NaN or infinite scale/shift values")
         if torch.isnan(values["lo"]).any() or torch.isnan(values["hi"]).any() or (values["lo"] > values["hi"]).any():
             raise _fail(source, f"layer {name!r} has an invalid support range (NaN, or lo > hi)")
+        form = spec.get("form", "mean")  # version 1 knew only the mean form
+        if form not in CONV_FORMS:
+            raise _fail(source, f"layer {name!r} has an unknown form {form!r} (expected one of {CONV_FORMS})")
         degenerate = spec.get("degenerate", 0)
         layers[name] = LayerMap(**values, kind=spec["kind"],
-                                degenerate=degenerate if isinstance(degenerate, int) else 0)
+                                degenerate=degenerate if isinstance(degenerate, int) else 0, form=form)
     return TransportMaps(layers, info)
 

@@ -18,10 +18,20 @@ import torch
 
 from .estimators import fit_affine, support_bounds
 
-__all__ = ["LayerMap", "TransportMaps", "fit_layer", "check_strength", "layer_movement", "LayerKind"]
+__all__ = ["LayerMap", "TransportMaps", "fit_layer", "default_support", "check_strength", "layer_movement",
+           "LayerKind", "ConvForm", "CONV_FORMS", "DEFAULT_SUPPORTS"]
 
 LayerKind = Literal["token", "conv"]
 KINDS = ("token", "conv")
+# How a map acts on a conv output [B, D, H, W] (the reference's choice per method):
+#   "mean":  only the channel's spatial mean moves, the spatial detail is kept (Linear-AcT);
+#   "pixel": every pixel is mapped, gated on the channel's spatial mean (Gaussian, mean-shift).
+ConvForm = Literal["mean", "pixel"]
+CONV_FORMS = ("mean", "pixel")
+FORM_OF_METHOD: dict[str, ConvForm] = {"linear": "mean", "gaussian": "pixel", "mean": "pixel"}
+# The reference's default support per method: Linear-AcT gates on the full source range, the
+# Gaussian and mean-shift configurations move everything.
+DEFAULT_SUPPORTS = {"linear": "q_0_100", "gaussian": "all", "mean": "all"}
 # Below this |scale| the affine map squeezes a neuron to (almost) a point and has no usable inverse.
 _INVERTIBLE_SCALE_FLOOR = 1e-6
 
@@ -41,8 +51,11 @@ class LayerMap:
     lo, hi:       [D] float32, inclusive support: the map acts where lo <= z <= hi
                   (-inf/+inf: everywhere).
     kind:         "token" for outputs shaped [..., D] (each element is mapped and gated on its own);
-                  "conv" for outputs shaped [B, D, H, W] (only the per-channel spatial mean moves,
-                  gated on that mean; spatial detail is kept).
+                  "conv" for outputs shaped [B, D, H, W], gated on each channel's spatial mean m.
+    form:         for conv maps, what moves when the gate is open:
+                  "mean"  out' = out + lambda ((scale - 1) m + shift): the mean moves, detail is kept;
+                  "pixel" out' = out + lambda ((scale - 1) out + shift): every pixel is mapped.
+                  Token maps ignore it.
     degenerate:   how many neurons were left as the identity when fitting.
     """
 
@@ -52,11 +65,14 @@ class LayerMap:
     hi: torch.Tensor
     kind: LayerKind = "token"
     degenerate: int = 0
+    form: ConvForm = "mean"
     _device_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown layer kind {self.kind!r}; expected one of {KINDS}")
+        if self.form not in CONV_FORMS:
+            raise ValueError(f"unknown conv form {self.form!r}; expected one of {CONV_FORMS}")
         dims = {tuple(t.shape) for t in (self.scale, self.shift, self.lo, self.hi)}
         if len(dims) != 1 or len(next(iter(dims))) != 1:
             raise ValueError(f"scale, shift, lo and hi must share one shape [D], got {sorted(dims)}")
@@ -90,14 +106,23 @@ class LayerMap:
         hi = torch.where(invertible, (ends + slack).amax(0), torch.full_like(self.hi, math.inf))
         lo = torch.where(torch.isnan(lo), torch.full_like(lo, -math.inf), lo)
         hi = torch.where(torch.isnan(hi), torch.full_like(hi, math.inf), hi)
-        return LayerMap(scale, shift, lo, hi, self.kind, self.degenerate)
+        return LayerMap(scale, shift, lo, hi, self.kind, self.degenerate, self.form)
 
-    def _params(self, like: torch.Tensor, strength: float) -> tuple:
-        """(a, b, lo, hi) on like's device/dtype, the map at this strength written as z' = a z + b:
-        a = 1 + |lambda| (scale - 1), b = |lambda| shift, with the inverse taken for lambda < 0.
-        For conv maps a - 1 is kept instead (the mean moves by (a - 1) m + b).
-        Cached: a node applies one strength at every step."""
-        key = (like.device, like.dtype, strength)
+    @property
+    def maps_every_element(self) -> bool:
+        """Whether the map acts on each element on its own (token maps, and conv maps of the pixel
+        form), so that, ungated, it folds exactly into the weights of the layer producing it."""
+        return self.kind == "token" or self.form == "pixel"
+
+    def params(self, device: torch.device, strength: float) -> tuple:
+        """(a, b, lo, hi), float32 on `device`: the map at this strength, with the inverse taken for
+        lambda < 0. Token maps: z' = a z + b with a = 1 + |lambda| (scale - 1), b = |lambda| shift.
+        Conv maps keep the slope a = |lambda| (scale - 1) instead: the moved quantity (mean or pixel)
+        changes by a v + b. lo/hi are None when ungated.
+        Kept in float32 whatever the activations' dtype: the arithmetic runs in float32, and
+        fp16/bf16 bounds would round the support. Cached per device and strength: a node applies
+        one strength at every step, so after the first call nothing is computed or copied."""
+        key = (torch.device(device), strength)
         cached = self._device_cache.get(key)
         if cached is None:
             source = self.inverse() if strength < 0 else self
@@ -105,38 +130,49 @@ class LayerMap:
             gated = source.gated
             slope = lam * (source.scale - 1.0)
             cached = (
-                (slope if self.kind == "conv" else 1.0 + slope).to(like.device, like.dtype),
-                (lam * source.shift).to(like.device, like.dtype),
-                source.lo.to(like.device, like.dtype) if gated else None,
-                source.hi.to(like.device, like.dtype) if gated else None,
+                (slope if self.kind == "conv" else 1.0 + slope).to(device).contiguous(),
+                (lam * source.shift).to(device).contiguous(),
+                source.lo.to(device).contiguous() if gated else None,
+                source.hi.to(device).contiguous() if gated else None,
             )
             if len(self._device_cache) > 16:  # a sweep over many strengths must not grow it forever
                 self._device_cache.clear()
             self._device_cache[key] = cached
         return cached
 
-    def apply(self, x: torch.Tensor, strength: float) -> torch.Tensor:
-        """Transport activations x with the given strength; returns x's dtype and device.
-
-        token: x [..., D]; conv: x [B, D, H, W] (or [D, H, W]). Computes in float32 at least.
-        """
-        strength = check_strength(strength)
-        if strength == 0.0:
-            return x
+    def check_shape(self, x: torch.Tensor) -> None:
         if self.kind == "conv":
             if x.ndim < 3 or x.shape[-3] != self.dim:
                 raise ValueError(f"conv map of {self.dim} channels cannot act on a tensor shaped {tuple(x.shape)}")
         elif x.shape[-1] != self.dim:
             raise ValueError(f"token map of {self.dim} neurons cannot act on a tensor shaped {tuple(x.shape)}")
+
+    def apply(self, x: torch.Tensor, strength: float) -> torch.Tensor:
+        """Transport activations x with the given strength; returns x's dtype and device.
+
+        token: x [..., D]; conv: x [B, D, H, W] (or [D, H, W]). Computes in float32 at least, on
+        x's device. This is the reference every faster path (act_core.kernels) is checked against.
+        """
+        strength = check_strength(strength)
+        if strength == 0.0:
+            return x
+        self.check_shape(x)
         compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        a, b, lo, hi = self._params(compute, strength)
+        a, b, lo, hi = (None if t is None else t.to(compute.dtype) for t in self.params(x.device, strength))
         if self.kind == "conv":
-            # Only the channel mean m moves, to a m + b; the spatial detail x - m is kept.
             mean = compute.mean(dim=(-2, -1))
-            delta = torch.addcmul(b, a, mean)
-            if lo is not None:
-                delta = delta * ((mean >= lo) & (mean <= hi))
-            out = compute + delta[..., None, None]
+            if self.form == "mean":
+                # Only the channel mean m moves, to m + a m + b; the spatial detail x - m is kept.
+                delta = torch.addcmul(b, a, mean)
+                if lo is not None:
+                    delta = delta * ((mean >= lo) & (mean <= hi))
+                out = compute + delta[..., None, None]
+            else:
+                # Every pixel moves by a x + b, where the channel's mean lies in the support.
+                delta = torch.addcmul(b[:, None, None], a[:, None, None], compute)
+                if lo is not None:
+                    delta = delta * ((mean >= lo) & (mean <= hi))[..., None, None]
+                out = compute + delta
         else:
             out = torch.addcmul(b, a, compute)
             if lo is not None:
@@ -152,27 +188,41 @@ class LayerMap:
             weight' = weight + lambda * (scale - 1) * weight      (row d scaled by scale_d - 1)
             bias'   = bias   + lambda * ((scale - 1) * bias + shift),
         so the returned differences (for lambda = 1) scale linearly with the strength. The support is
-        ignored (every element is moved), and for a conv map every pixel is scaled rather than only
-        the channel mean moved: that is what differs from `apply`.
+        ignored (every element is moved). That is exact for ungated token maps and ungated conv maps
+        of the pixel form; for conv maps of the mean form every pixel is scaled rather than only the
+        channel mean moved.
+
+        Computed in float32 on the weight's device (whatever the weight's dtype: fp8-stored weights
+        included); the differences come back there, in float32.
         """
         if weight.ndim < 1 or weight.shape[0] != self.dim:
             raise ValueError(f"weight shaped {tuple(weight.shape)} does not match a map of {self.dim} neurons")
         w = weight.detach().to(torch.float32)
-        b = torch.zeros(self.dim) if bias is None else bias.detach().to(torch.float32)
-        slope = self.scale - 1.0
-        return w * slope.view(-1, *([1] * (w.ndim - 1))), b * slope + self.shift
+        b = (torch.zeros(self.dim, device=w.device) if bias is None
+             else bias.detach().to(device=w.device, dtype=torch.float32))
+        slope = (self.scale - 1.0).to(w.device)
+        return w * slope.view(-1, *([1] * (w.ndim - 1))), b * slope + self.shift.to(w.device)
+
+
+def default_support(method: str) -> str:
+    """The support the reference uses for a method: q_0_100 for Linear-AcT, "all" otherwise."""
+    if method not in DEFAULT_SUPPORTS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(DEFAULT_SUPPORTS)}")
+    return DEFAULT_SUPPORTS[method]
 
 
 def fit_layer(source: torch.Tensor, target: torch.Tensor, method: str = "linear",
-              support: str = "q_0_100", kind: LayerKind = "token") -> LayerMap:
+              support: str | None = None, kind: LayerKind = "token") -> LayerMap:
     """Fit the transport map of one layer from pooled activations source [N, D] and target [M, D].
 
-    method: "linear" (Linear-AcT), "gaussian" (mean + std) or "mean" (shift only);
-    support: a key of `act_core.SUPPORTS`, the source-quantile range in which the map acts.
+    method: "linear" (Linear-AcT), "gaussian" (mean + std) or "mean" (shift only); it also picks
+            the conv form, as the reference: "mean" for linear, "pixel" for gaussian and mean;
+    support: a key of `act_core.SUPPORTS`, the source-quantile range in which the map acts;
+             None = the method's default (`default_support`).
     """
     fit = fit_affine(source, target, method)
-    lo, hi = support_bounds(source, support)
-    return LayerMap(fit.scale, fit.shift, lo, hi, kind, int(fit.degenerate.sum()))
+    lo, hi = support_bounds(source, default_support(method) if support is None else support)
+    return LayerMap(fit.scale, fit.shift, lo, hi, kind, int(fit.degenerate.sum()), FORM_OF_METHOD[method])
 
 
 class TransportMaps(Mapping):

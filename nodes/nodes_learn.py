@@ -5,12 +5,15 @@ import comfy.utils
 from comfy_api.latest import io
 from tqdm import tqdm
 
-from ..act_core import METHODS, SUPPORTS
+from ..act_core import METHODS, SUPPORTS, default_support
 from .collection import SCHEDULES, CollectSettings, Collector, fit_maps, parse_prompts
 from .model_layers import WHERE
 from .types import CATEGORY, Activations, Maps
 
 PRESETS = ("normalization layers", "custom pattern")
+# A combo's default cannot follow another input, so the first choice stands for the method's own
+# default support, resolved when fitting and recorded in the maps' info.
+METHOD_DEFAULT = "method default"
 
 
 class Progress:
@@ -96,13 +99,15 @@ class FitTransportMaps(io.ComfyNode):
             inputs=[
                 Activations.Input("activations"),
                 io.Combo.Input("method", options=list(METHODS), default="linear",
-                               tooltip="linear: Linear-AcT, the optimal-transport fit (best in the paper). "
-                                       "gaussian: matches mean and spread. mean: shifts the mean only "
-                                       "(a steering vector)."),
-                io.Combo.Input("support", options=list(SUPPORTS), default="q_0_100",
-                               tooltip="Where a neuron is moved: q_0_100 = within the range the source "
-                                       "prompts produced (the paper's default); q_5_95 etc. = narrower; "
-                                       "all = everywhere. Values outside are left untouched."),
+                               tooltip="linear: Linear-AcT, the optimal-transport fit (best in the paper); on "
+                                       "conv layers it moves each channel's mean and keeps the detail. "
+                                       "gaussian: matches mean and spread, mapping every pixel. mean: shifts "
+                                       "the mean only (a steering vector)."),
+                io.Combo.Input("support", options=[METHOD_DEFAULT, *SUPPORTS], default=METHOD_DEFAULT,
+                               tooltip="Where a neuron is moved. method default = as the paper: q_0_100 for "
+                                       "linear, all for gaussian and mean. q_0_100 = within the range the "
+                                       "source prompts produced; q_5_95 etc. = narrower; all = everywhere. "
+                                       "Values outside are left untouched."),
                 io.Combo.Input("estimation", options=list(SCHEDULES), default=SCHEDULES[0],
                                tooltip="incremental: each layer is learned with the earlier layers already "
                                        "steered (the paper's default, better; reruns the model). at once: all "
@@ -113,6 +118,8 @@ class FitTransportMaps(io.ComfyNode):
 
     @classmethod
     def execute(cls, activations, method, support, estimation) -> io.NodeOutput:
+        if support == METHOD_DEFAULT:
+            support = default_support(method)
         maps = fit_maps(activations, method, support, estimation,
                         progress_factory=lambda total: Progress(total, "incremental fitting"))
         degenerate = sum(m.degenerate for m in maps.values())

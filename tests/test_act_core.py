@@ -147,6 +147,115 @@ def test_conv_form_moves_only_the_spatial_mean():
     assert torch.allclose(out.mean((2, 3)), layer.scale * x.mean((2, 3)) + layer.shift, atol=1e-5)
 
 
+def test_gaussian_conv_maps_every_pixel_gated_on_the_channel_mean():
+    """The reference's Gaussian form on conv outputs, computed by hand for one pixel of each channel:
+    out' = out + lambda * [lo <= mean_hw(out) <= hi] * ((w - 1) * out + c)."""
+    source = samples(1, 40, 3)
+    layer = fit_layer(source, samples(2, 40, 3, 0.5, 1.0), method="gaussian", support="q_5_95", kind="conv")
+    assert layer.form == "pixel" and layer.gated
+    x = samples(3, 2, 3 * 16, 0.3).float().view(2, 3, 4, 4)
+    x[1, 2] += 10.0  # this channel's mean lies far outside the source range: left alone
+    out = layer.apply(x, 0.7)
+    w = (samples(2, 40, 3, 0.5, 1.0).std(0, correction=0) / source.std(0, correction=0))
+    for b in range(2):
+        for d in range(3):
+            m = x[b, d].mean().item()
+            inside = layer.lo[d].item() <= m <= layer.hi[d].item()
+            value = x[b, d, 1, 2].item()
+            expected = value + 0.7 * inside * ((layer.scale[d].item() - 1) * value + layer.shift[d].item())
+            assert out[b, d, 1, 2].item() == pytest.approx(expected, abs=1e-5)
+    assert torch.equal(out[1, 2], x[1, 2])
+    assert torch.allclose(layer.scale.double(), w, rtol=1e-6)
+    # The spread of each moved channel is scaled by w: the Gaussian map matches spreads too.
+    spread = out[0].std((1, 2)) / x[0].std((1, 2))
+    inside = (x[0].mean((1, 2)) >= layer.lo) & (x[0].mean((1, 2)) <= layer.hi)
+    assert torch.allclose(spread[inside], (1 + 0.7 * (layer.scale - 1))[inside], rtol=1e-4)
+
+
+def test_each_method_has_its_form_and_default_support():
+    a, b = samples(1, 30, 4), samples(2, 30, 4, 2.0, 1.0)
+    forms = {m: fit_layer(a, b, m, kind="conv") for m in act_core.METHODS}
+    assert {m: l.form for m, l in forms.items()} == {"linear": "mean", "gaussian": "pixel", "mean": "pixel"}
+    assert forms["linear"].gated and not forms["gaussian"].gated and not forms["mean"].gated
+    assert act_core.default_support("linear") == "q_0_100" and act_core.default_support("gaussian") == "all"
+    assert fit_layer(a, b, "gaussian", support="q_0_100").gated
+    # Mean-shift moves every pixel by the same amount as it moves the mean: both forms agree.
+    shift = forms["mean"]
+    x = samples(3, 2, 4 * 9).float().view(2, 4, 3, 3)
+    as_mean_form = LayerMap(shift.scale, shift.shift, shift.lo, shift.hi, "conv", form="mean")
+    assert torch.allclose(shift.apply(x, 1.0), as_mean_form.apply(x, 1.0), atol=1e-6)
+
+
+def test_files_without_a_form_keep_the_mean_form_and_pixel_files_are_version_2():
+    linear = make_maps()
+    header = _header(maps_to_bytes(linear))
+    assert header["__metadata__"]["format_version"] == "1"  # older releases still read linear maps
+    old = _rewrite_header(maps_to_bytes(linear), lambda h: h["__metadata__"].update(
+        layers=json.dumps({n: {k: v for k, v in spec.items() if k != "form"}
+                           for n, spec in json.loads(h["__metadata__"]["layers"]).items()})))
+    assert all("form" not in spec for spec in json.loads(_header(old)["__metadata__"]["layers"]).values())
+    back = maps_from_bytes(old)
+    conv = "diffusion_model.input_blocks.1.0.in_layers.0"
+    assert back[conv].form == "mean"
+    x = samples(5, 2, 8 * 4).float().view(2, 8, 2, 2)
+    assert torch.equal(back[conv].apply(x, 1.0), linear[conv].apply(x, 1.0))
+    gaussian = TransportMaps({conv: fit_layer(samples(1, 16, 8), samples(2, 16, 8), "gaussian", kind="conv")})
+    data = maps_to_bytes(gaussian)
+    assert _header(data)["__metadata__"]["format_version"] == "2"
+    assert maps_from_bytes(data)[conv].form == "pixel"
+    bad = _rewrite_header(data, lambda h: h["__metadata__"].update(
+        layers=h["__metadata__"]["layers"].replace('"pixel"', '"sideways"')))
+    with pytest.raises(MapsFileError, match="unknown form 'sideways'"):
+        maps_from_bytes(bad)
+
+
+def _header(data: bytes) -> dict:
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind, form", [("token", "mean"), ("conv", "mean"), ("conv", "pixel")])
+def test_low_precision_activations_follow_the_float32_reference(dtype, kind, form):
+    method = "linear" if form == "mean" else "gaussian"
+    layer = fit_layer(samples(1, 30, 8), samples(2, 30, 8, 1.5, 0.5), method, support="q_5_95", kind=kind)
+    x = samples(3, 4, 8 * 36).view(4, 8, 6, 6) if kind == "conv" else samples(3, 2 * 7, 8).view(2, 7, 8)
+    low = x.to(dtype)
+    out = layer.apply(low, 0.8)
+    assert out.dtype == dtype and out.device == low.device
+    reference = layer.apply(low.float(), 0.8)  # the same inputs, computed and kept in float32
+    assert torch.equal(out, reference.to(dtype))
+
+
+def test_maps_follow_the_weights_device_and_dtype_when_folding():
+    """Weights on another device than the maps (the meta device stands in for a GPU here) and in
+    another dtype: the fold must compute where the weights are, never mix devices."""
+    layer = fit_layer(samples(1, 30, 6), samples(2, 30, 6, 2.0, 1.0), support="all")
+    meta_w, meta_b = torch.empty(6, device="meta", dtype=torch.float16), torch.empty(6, device="meta")
+    d_weight, d_bias = layer.fold(meta_w, meta_b)
+    assert d_weight.device.type == "meta" and d_bias.device.type == "meta"
+    assert d_weight.dtype == torch.float32 and d_bias.dtype == torch.float32
+    d_weight, d_bias = layer.fold(torch.empty(6, 3, device="meta", dtype=torch.bfloat16), None)
+    assert d_weight.shape == (6, 3) and d_bias.device.type == "meta"
+    norm_w = torch.linspace(0.5, 1.5, 6, dtype=torch.bfloat16)
+    norm_b = torch.linspace(-0.2, 0.3, 6, dtype=torch.bfloat16)
+    d_weight, d_bias = layer.fold(norm_w, norm_b)
+    assert torch.allclose(d_weight, norm_w.float() * (layer.scale - 1))
+    assert torch.allclose(d_bias, norm_b.float() * (layer.scale - 1) + layer.shift)
+    x = samples(3, 4, 6).float()
+    normed = torch.nn.functional.layer_norm(x, (6,))
+    folded = normed * (norm_w.float() + d_weight) + (norm_b.float() + d_bias)
+    assert torch.allclose(folded, layer.apply(normed * norm_w.float() + norm_b.float(), 1.0), atol=1e-5)
+
+
+def test_maps_act_on_the_activations_device():
+    layer = fit_layer(samples(1, 30, 6), samples(2, 30, 6, 2.0, 1.0), kind="conv")
+    out = layer.apply(torch.empty(2, 6, 4, 4, device="meta", dtype=torch.float16), 1.0)
+    assert out.device.type == "meta" and out.dtype == torch.float16
+    a, b, lo, hi = layer.params(torch.device("meta"), -0.5)
+    assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in (a, b, lo, hi))
+
+
 def test_fold_into_norm_matches_exact_ungated_map():
     norm = torch.nn.LayerNorm(6)
     with torch.no_grad():
@@ -180,7 +289,7 @@ def test_save_load_round_trips_exactly(tmp_path):
     for name in maps:
         for key in ("scale", "shift", "lo", "hi"):
             assert torch.equal(getattr(back[name], key), getattr(maps[name], key))
-        assert back[name].kind == maps[name].kind
+        assert back[name].kind == maps[name].kind and back[name].form == maps[name].form
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left
 
 
@@ -208,7 +317,7 @@ def _rewrite_header(data: bytes, edit) -> bytes:
 
 @pytest.mark.parametrize("edit, message", [
     (lambda h: h["__metadata__"].pop("format"), "format: comfyui-act-maps"),
-    (lambda h: h["__metadata__"].update(format_version="2"), "newer"),
+    (lambda h: h["__metadata__"].update(format_version="3"), "newer"),
     (lambda h: h["__metadata__"].update(layers="{not json"), "not valid JSON"),
     (lambda h: next(v for k, v in h.items() if k != "__metadata__").update(dtype="F64"), "expected F32"),
     (lambda h: next(v for k, v in h.items() if k != "__metadata__").update(shape=[2, 4]), "expected \\[neurons\\]"),
