@@ -40,12 +40,12 @@ def test_examples_match_the_node_definitions(object_info, tmp_path):
             f"{path.name} is stale: run python tools/make_workflows.py with a current /object_info")
 
 
-def test_comfyui_lists_the_examples_as_templates_with_the_first_one_first(server):
+def test_comfyui_lists_the_examples_as_templates_numbered_in_the_order_to_try_them(server):
     templates = server.get("/api/workflow_templates")
     assert sorted(templates["ComfyUI-ACT"]) == sorted(make_workflows.SPECS)
-    # The template browser sorts by name: the style dial opens the list, loading saved maps closes it.
-    assert sorted(make_workflows.SPECS) == list(make_workflows.SPECS)
-    assert "style dial" in min(templates["ComfyUI-ACT"]) and "load saved maps" in max(templates["ComfyUI-ACT"])
+    # The browser shows them in the server's directory order: the numbers say where to start.
+    assert [title.split(" - ")[0] for title in make_workflows.SPECS] == [f"ACT {i}" for i in range(1, 6)]
+    assert "style dial" in min(make_workflows.SPECS) and "load saved maps" in max(make_workflows.SPECS)
 
 
 @pytest.mark.parametrize("title", list(make_workflows.SPECS))

@@ -27,13 +27,11 @@ IMAGE_SIZE = 512
 SAMPLER = {"steps": 25, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
 PROMPT_COUNT = 64
 COLLECT = {"where": "both", "resolution": 0, "noise_levels": 1, "batch_size": 16}
-CHECKPOINT_NOTE = (f"\n\nThe demo checkpoint {DEMO_CHECKPOINT} has random weights: its images are coloured "
-                   "noise. Pick your own SD1.5, SD2.x or SDXL checkpoint in Load Checkpoint and set Empty Latent "
-                   "Image to its native size (512 SD1.5, 768 SD2.x, 1024 SDXL); Collect Activations at "
-                   "resolution 0 follows the model by itself.")
-SLOW_MACHINE = ("\n\nSlow machine or CPU: set count to 16 on the prompt builder, resolution to 256 on Collect "
-                "Activations, and steps to 12 and the image size to 256; the maps get coarser, the graph stays "
-                "the same.")
+CHECKPOINT_NOTE = ("\n\nThe demo checkpoint has random weights: its images are coloured noise. Pick a real SD1.5, "
+                   "SD2.x or SDXL checkpoint and set Empty Latent Image to its size (512, 768, 1024); resolution 0 "
+                   "on Collect Activations follows the model.")
+SLOW_MACHINE = ("\n\nSlow machine or CPU: count 16 on the prompt builder, resolution 256 on Collect Activations, "
+                "steps 12 and a 256 px image.")
 
 
 def _inputs(info: dict) -> list[tuple[str, str, dict]]:
@@ -51,7 +49,7 @@ def _is_widget(kind: str, options: dict) -> bool:
     return kind in WIDGET_TYPES and not options.get("forceInput")
 
 
-COLUMN, GAP = 380, 40
+COLUMN, GAP, WIDTH = 360, 40, 320
 PREVIEWS = {"SaveImage", "PreviewImage", "ACTStrengthGrid"}
 
 
@@ -65,13 +63,13 @@ def _height(info: dict, node_type: str) -> int:
         else:
             rows += 1
     rows = max(rows, len(info["output"]))
-    return 46 + 22 * rows + widgets + (220 if node_type in PREVIEWS else 0)
+    return 46 + 22 * rows + widgets + (160 if node_type in PREVIEWS else 0)
 
 
 def _note_height(text: str) -> int:
-    """Room for the note's text at the editor's default font (about 44 characters a line, 18 px each)."""
-    lines = sum(max(1, -(-len(paragraph) // 44)) for paragraph in text.split("\n"))
-    return 30 + 18 * lines
+    """Room for the note's text at the editor's default font (about 45 characters a line, 14 px each)."""
+    lines = sum(max(1, -(-len(paragraph) // 45)) for paragraph in text.split("\n"))
+    return 40 + 14 * lines
 
 
 def _stack_columns(nodes: list[dict], columns: list[int], rows: list[int]) -> None:
@@ -114,7 +112,7 @@ def build(spec: dict, object_info: dict) -> dict:
                 if options.get("control_after_generate"):
                     widgets.append("fixed")
         nodes.append({"id": ids[key], "type": node["type"], "pos": [0, 0],
-                      "size": [340, _height(info, node["type"])], "flags": {}, "order": len(nodes), "mode": 0,
+                      "size": [WIDTH, _height(info, node["type"])], "flags": {}, "order": len(nodes), "mode": 0,
                       "inputs": inputs,
                       "outputs": [], "properties": {"Node name for S&R": node["type"]}, "widgets_values": widgets,
                       "title": node.get("title", info.get("display_name", node["type"]))})
@@ -127,7 +125,7 @@ def build(spec: dict, object_info: dict) -> dict:
     for i, (text, col, _row) in enumerate(spec.get("notes", [])):
         below = max((n["pos"][1] + n["size"][1] for n in nodes if n["pos"][0] == 40 + COLUMN * col), default=0)
         nodes.append({"id": len(ids) + i + 1, "type": "Note", "pos": [40 + COLUMN * col, below + GAP],
-                      "size": [340, _note_height(text)], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                      "size": [WIDTH, _note_height(text)], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                       "properties": {"text": ""}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
     return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
             # No saved view ("ds"): the frontend then fits the whole graph into the user's window.
@@ -177,8 +175,10 @@ def with_inputs(prompt: dict, changes: dict[str, dict]) -> dict:
     return out
 
 
-def _sampling(model, clip, text: str, col: int, save_prefix: str, save_row: int = 2) -> dict:
-    """Prompt, negative prompt and latent in column col; sampler, decoder and the saved image in col + 1."""
+def _sampling(model, clip, text: str, col: int, save_prefix: str, save_col: int | None = None) -> dict:
+    """Prompt, negative prompt, latent and decoder in column col; the sampler and the saved image in
+    col + 1 (or the image in save_col), so that the last column stays short."""
+    save_col = col + 1 if save_col is None else save_col
     return {
         "pos": {"type": "CLIPTextEncode", "col": col, "row": 0, "widgets": {"text": text}, "links": {"clip": clip}},
         "neg": {"type": "CLIPTextEncode", "col": col, "row": 1, "widgets": {"text": "blurry, low quality, watermark"},
@@ -189,8 +189,8 @@ def _sampling(model, clip, text: str, col: int, save_prefix: str, save_row: int 
                     "widgets": {"seed": 42, **SAMPLER, "denoise": 1.0},
                     "links": {"model": model, "positive": ["pos", 0], "negative": ["neg", 0],
                               "latent_image": ["latent", 0]}},
-        "decode": {"type": "VAEDecode", "col": col + 1, "row": 1, "links": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
-        "save": {"type": "SaveImage", "col": col + 1, "row": save_row, "widgets": {"filename_prefix": save_prefix},
+        "decode": {"type": "VAEDecode", "col": col, "row": 3, "links": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
+        "save": {"type": "SaveImage", "col": save_col, "row": 1, "widgets": {"filename_prefix": save_prefix},
                  "links": {"images": ["decode", 0]}},
     }
 
@@ -217,17 +217,17 @@ def _apply(strength, col: int = 2, row: int = 0) -> dict:
     return {"apply": {"type": "ACTApplyTransportMaps", "col": col, "row": row, "widgets": widgets, "links": links}}
 
 
-# In the order people should meet them: the template browser lists them by file name.
+# Numbered in the order people should meet them (the template browser lists them in directory order,
+# which a pack cannot choose). The note sits in
+# the first column, where reading starts, and keeps the bottom right free for the editor's minimap.
 SPECS = {
     "ACT 1 - style dial (watercolor)": {
         "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "watercolor", "count": PROMPT_COUNT}})
         | _apply(0.7)
         | _sampling(["apply", 0], ["apply", 1], "a harbour full of fishing boats", 3, "act_style"),
-        "notes": [("Style dial: learn a style from prompt pairs, then turn it up or down on any prompt.\n"
-                   "Style Prompts pairs plain captions with the same captions plus style tags; Collect "
-                   "Activations and Fit Transport Maps learn the difference once (cached), and Apply Transport "
-                   "Maps steers the model: strength 0 = no style, 1 = full style. Pick another style (anime, "
-                   "cyberpunk, pixel art...) or type your own tags." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
+        "notes": [("Style dial: learn a style once from prompt pairs (plain captions vs. the same with style "
+                   "tags), then turn 'strength' on Apply Transport Maps: 0 = no style, 1 = full style. Try "
+                   "another style or your own tags." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
     "ACT 2 - remove a concept (no pink elephant)": {
         "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "a pink elephant", "direction": "remove",
@@ -236,21 +236,18 @@ SPECS = {
         | {"savemaps": {"type": "ACTSaveTransportMaps", "col": 2, "row": 1,
                         "widgets": {"name": "no_pink_elephant", "overwrite": True}, "links": {"maps": ["fit", 0]}}}
         | _sampling(["apply", 0], ["apply", 1], "a house on a hill, and a pink elephant", 3, "act_no_elephant"),
-        "notes": [("Remove a concept, even when the prompt asks for it.\n"
-                   "Concept Prompts writes captions with the concept and the same captions without it; the maps "
-                   "learn the difference and Apply Transport Maps takes the concept out. Change 'concept' to what "
-                   "you want gone; raise 'strength' above 1 if traces remain. Save Transport Maps keeps the maps "
-                   "as models/act/no_pink_elephant.safetensors for Load Transport Maps." + CHECKPOINT_NOTE
-                   + SLOW_MACHINE, 0, 2)],
+        "notes": [("Remove a concept, even when the prompt asks for it: the maps learn captions with it vs. "
+                   "without it. Raise 'strength' above 1 if traces remain. Save Transport Maps keeps the maps "
+                   "in models/act for Load Transport Maps." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
     "ACT 3 - add objects (more trees)": {
         "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "many tall trees", "direction": "add",
                                                                   "count": PROMPT_COUNT}})
         | _apply(1.0)
         | _sampling(["apply", 0], ["apply", 1], "a quiet street with houses", 3, "act_trees"),
-        "notes": [("Add objects that no prompt mentions.\n"
-                   "With direction 'add' the target captions carry the concept, so the maps put it into every "
-                   "image. Try 'snow on the ground' or 'a red umbrella'." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
+        "notes": [("Add objects no prompt mentions: with direction 'add' the target captions carry the "
+                   "concept, so the maps put it into every image. Try 'snow on the ground' or 'a red umbrella'."
+                   + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
     "ACT 4 - strength sweep grid": {
         "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "sketch", "count": PROMPT_COUNT}})
@@ -263,25 +260,20 @@ SPECS = {
                     "links": {"images": ["decode", 0], "strength": ["sweep", 0]}},
            "savegrid": {"type": "SaveImage", "col": 5, "row": 1, "widgets": {"filename_prefix": "act_sweep_grid"},
                         "links": {"images": ["grid", 0]}}},
-        "notes": [("Strength sweep: see the whole dial at once.\n"
-                   "Strength Sweep sends each strength through Apply Transport Maps and the sampler; Strength "
-                   "Grid lays the images side by side with the strength under each and plays them as an "
+        "notes": [("See the whole dial at once: one image per strength, labelled side by side and as an "
                    "animation; Inspect shows which layers move most. Edit 'strengths' to zoom in."
-                   + CHECKPOINT_NOTE + SLOW_MACHINE + " Fewer strengths cost fewer images.", 0, 2)],
+                   + CHECKPOINT_NOTE + SLOW_MACHINE + " Fewer strengths, fewer images.", 0, 2)],
     },
     "ACT 5 - load saved maps and apply": {
         "nodes": {"ckpt": {"type": "CheckpointLoaderSimple", "col": 0, "row": 0,
                            "widgets": {"ckpt_name": DEMO_CHECKPOINT}},
                   "fit": {"type": "ACTLoadTransportMaps", "col": 1, "row": 0, "widgets": {"maps_name": DEMO_MAPS}}}
         | _apply(1.0, col=1, row=1)
-        | _sampling(["apply", 0], ["apply", 1], "a garden with a pink elephant", 2, "act_loaded"),
-        "notes": [("Reuse saved maps: no learning, only sampling.\n"
-                   f"Load Transport Maps lists ComfyUI/models/act and the pack's demo maps ({DEMO_MAPS}, "
-                   "fitted on the demo checkpoint only). Maps work on the kind of model they were fitted on: "
-                   "save your own with Save Transport Maps (the 'remove a concept' example saves "
-                   "no_pink_elephant) and pick them here; share the .safetensors file to share a dial."
-                   + CHECKPOINT_NOTE + "\n\nSlow machine or CPU: set steps to 12 and the image size to 256.",
-                   0, 1)],
+        | _sampling(["apply", 0], ["apply", 1], "a garden with a pink elephant", 2, "act_loaded", save_col=4),
+        "notes": [("Reuse saved maps: no learning, only sampling. Load Transport Maps lists models/act and "
+                   f"the demo maps {DEMO_MAPS}, made for the demo checkpoint; maps fit the kind of model they were "
+                   "fitted on, so save your own (the 'remove a concept' example does) and pick them here."
+                   + CHECKPOINT_NOTE + "\n\nSlow machine or CPU: steps 12 and a 256 px image.", 0, 3)],
     },
 }
 
