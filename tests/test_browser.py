@@ -205,6 +205,7 @@ def test_template_opens_framed_in_a_laptop_window(browser, server, output_dir, t
 @pytest.mark.parametrize("title", list(make_workflows.SPECS))
 def test_template_opens_framed_shrinks_queues_and_finishes_in_the_browser(page, server, output_dir, title):
     open_template(page, title)
+    page.screenshot(path=str(output_dir / f"browser_opened_{title.replace(' ', '_')}.png"))
     assert hidden_nodes(page) == []
     assert page.evaluate("() => window.app.canvas.ds.scale") >= 0.6, "fitted, but too small to read"
     loaded = page.evaluate("""() => ({

@@ -3,7 +3,7 @@
 a fresh install, fitted on the demo checkpoint by the "remove a concept" example itself (at small sizes,
 diffusion model only, so the file stays small).
 
-    python3 tools/host.py provision && COMFYUI_PATH=... <host python> tools/make_demo_maps.py
+    COMFYUI_PATH=<a ComfyUI folder> <the Python that runs it> tools/make_demo_maps.py
 
 Run it again whenever the demo checkpoint changes: tests/test_examples.py runs the load example on the
 demo checkpoint and fails when these maps no longer fit it.

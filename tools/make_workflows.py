@@ -8,6 +8,10 @@ the node definitions; tests/test_examples.py regenerates them and compares.
 
 Also converts an editor-format workflow to the API format the server's /prompt takes
 (`to_api_prompt`), the way the frontend does when it queues a graph.
+
+The thumbnails beside each file (<name>.jpg, which ComfyUI serves to its template browser) are the
+browser test's pictures of each finished graph: after a layout change, run tests/test_browser.py and
+copy test-output/thumbnails/*.jpg here. The load example's maps come from tools/make_demo_maps.py.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ app.registerExtension({
       if (!widget) {
         const box = document.createElement("textarea");
         box.readOnly = true;
-        box.rows = 3;
+        box.rows = 4;
         box.style.cssText = "width:100%;resize:none;font-size:11px;opacity:0.85";
         widget = this.addDOMWidget("saved", "act_saved", box, { serialize: false, getValue: () => box.value,
                                                                setValue: (v) => { box.value = v; } });
