@@ -222,8 +222,8 @@ def _apply(strength, col: int = 2, row: int = 0) -> dict:
 
 
 # Numbered in the order people should meet them (the template browser lists them in directory order,
-# which a pack cannot choose). The note sits in
-# the first column, where reading starts, and keeps the bottom right free for the editor's minimap.
+# which a pack cannot choose). The note sits in the first column, where reading starts; the last column
+# stays short so that the editor's minimap, in the bottom right corner, covers no node.
 SPECS = {
     "ACT 1 - style dial (watercolor)": {
         "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "watercolor", "count": PROMPT_COUNT}})
