@@ -5,4 +5,7 @@ NODE_CLASS_MAPPINGS on purpose: the loader would use it instead of the entry poi
 """
 from .nodes.extension import comfy_entrypoint
 
-__all__ = ["comfy_entrypoint"]
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
+
+# The page-side part: the saved path on Save Transport Maps, readable error titles.
+WEB_DIRECTORY = "./web"

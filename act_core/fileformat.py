@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -75,7 +75,10 @@ def save_maps(maps: TransportMaps, path: str | os.PathLike) -> Path:
     path = Path(path)
     data = maps_to_bytes(maps)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    # Not tempfile.mkstemp: its file is readable by its owner only. Created with 0o666, the file gets
+    # the mode the user's umask gives any new file, like other files ComfyUI writes.
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)

@@ -18,6 +18,11 @@ class ActError(ValueError):
     """A problem the user can fix in the graph; the message says which node and input."""
 
 
+# ComfyUI reports an error's type as module + class name; the module path of a custom node is the long
+# file-system path of the pack, so name it as users know it.
+ActError.__module__ = "ComfyUI-ACT"
+
+
 def model_family(model) -> str:
     """SD1.x, SD2.x or SDXL; any other model raises ActError naming it."""
     import comfy.supported_models as sm

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from comfy_api.latest import io
 
@@ -25,7 +26,8 @@ class ApplyTransportMaps(io.ComfyNode):
                                tooltip="0 = the untouched model; 1 = activations moved onto the target "
                                        "prompts' distribution; in between = a proportional dial. Above 1 "
                                        "extrapolates (stronger, may break the image). Below 0 runs the "
-                                       "inverse map: takes the learned change away."),
+                                       "inverse map: pushes the other way (target toward source); it does not "
+                                       "exactly undo strength 1 when chained after it."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Steer from this point of sampling on (0 = the first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -43,6 +45,18 @@ class ApplyTransportMaps(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP")],
         )
+
+    @classmethod
+    def validate_inputs(cls, strength=None) -> bool | str:
+        """Refuse a NaN or out-of-range strength before anything runs (ComfyUI's own range check lets NaN
+        through, and skips inputs a node validates itself). A linked strength (Strength Sweep) arrives
+        later and is checked there."""
+        if strength is None:
+            return True
+        if not math.isfinite(strength) or not -10.0 <= strength <= 10.0:
+            return (f"strength is {strength}; it must be a number from -10 to 10 "
+                    "(fix 'strength' on Apply Transport Maps)")
+        return True
 
     @classmethod
     def execute(cls, model, maps, strength, start_percent, end_percent, branch, mode, clip=None) -> io.NodeOutput:

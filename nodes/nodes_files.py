@@ -5,12 +5,15 @@ import os
 import re
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..act_core import MapsFileError, load_maps, save_maps
 from .types import CATEGORY, Maps
 
 FOLDER = "act"
+# Maps shipped with the pack for its example workflows (fitted on the demo checkpoint), listed after
+# the user's own models/act so that a fresh install can run the load example.
+DEMO_MAPS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows", "maps")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()+-]{0,120}$")
 
 
@@ -18,6 +21,7 @@ def register_folder() -> None:
     """models/act, listed in extra_model_paths.yaml under 'act' like any other model folder."""
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
+    folder_paths.add_model_folder_path(FOLDER, DEMO_MAPS_DIR, is_default=False)
 
 
 def maps_path_for(name: str) -> str:
@@ -47,7 +51,7 @@ class SaveTransportMaps(io.ComfyNode):
                                  tooltip="Replace a file of that name. Off: an existing file is an error."),
             ],
             outputs=[io.String.Output(display_name="path")],
-            is_output_node=True,
+            is_output_node=True,  # runs without a consumer, and shows the path it wrote on the node
         )
 
     @classmethod
@@ -57,7 +61,8 @@ class SaveTransportMaps(io.ComfyNode):
             raise ValueError(f"{os.path.basename(path)} already exists in models/act; choose another name or "
                              "turn on 'overwrite' on Save Transport Maps")
         save_maps(maps, path)
-        return io.NodeOutput(path)
+        shown = f"Saved {len(maps)} layers to {path}\nPick {os.path.basename(path)} in Load Transport Maps."
+        return io.NodeOutput(path, ui=ui.PreviewText(shown))
 
 
 class LoadTransportMaps(io.ComfyNode):

@@ -38,6 +38,17 @@ class StrengthSweep(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strengths=None) -> bool | str:
+        """A typo in the list is reported before the graph runs, not after the maps were learned."""
+        if strengths is None:
+            return True
+        try:
+            parse_strengths(strengths)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def execute(cls, strengths) -> io.NodeOutput:
         return io.NodeOutput(parse_strengths(strengths))
 

@@ -150,6 +150,10 @@ def write_thin_sd15(folder: str | os.PathLike, seed: int = 0, name: str = THIN_S
     sd = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
     partial = path.with_suffix(".partial")
     comfy.utils.save_torch_file(sd, str(partial), metadata={"comfyui_act": "random weights, for demos and tests"})
+    # safetensors writes owner-only files; give the checkpoint the mode the user's umask gives new files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    partial.chmod(0o666 & ~mask)
     partial.replace(path)
     return path
 

@@ -1,80 +1,128 @@
-"""The example workflows in the real frontend, driven in headless Chromium: each loads with no missing
-node type or broken link, is queued from the page, and finishes with images. Screenshots go to
-test-output/ for people to look at."""
+"""The example workflows in the real frontend, driven in headless Chromium as a newcomer meets them: the
+template browser lists them in order with their thumbnails; each opens framed (every node inside the
+window), is shrunk for the CPU by changing widget values on the page, queued from the page, and finishes
+with images. Screenshots (and thumbnail candidates) go to test-output/ for people to look at."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import make_workflows  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
-EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+WINDOW = {"width": 1920, "height": 1080}  # a common desktop window
+SMALL_WINDOW = {"width": 1280, "height": 800}  # a laptop
+PACK = "ComfyUI-ACT"
 
 
 @pytest.fixture(scope="module")
-def page(server, output_dir):
+def browser(server):
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail("Chromium is missing: tools/host.py test installs Debian's chromium; see its output")
         pytest.skip("no Chromium on this machine (tools/host.py test installs it where apt-get works)")
     playwright_api = pytest.importorskip("playwright.sync_api")
+    # A first visit opens the template browser over the graph; a returning user's setting skips it.
+    server.post("/settings/Comfy.TutorialCompleted", True)
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run", "--disable-quic"])
-        page = browser.new_page(viewport={"width": 2400, "height": 1400})
-        # A first visit opens the template browser over the graph; a returning user's setting skips it.
-        server.post("/settings/Comfy.TutorialCompleted", True)
-        page.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
-        page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
-        page.wait_for_timeout(1500)
-        dismiss_dialogs(page)
-        yield page
+        yield browser
         browser.close()
 
 
-def dismiss_dialogs(page) -> None:
-    """Close what a first visit opens (the template browser, banners) so screenshots show the graph."""
-    for _ in range(3):
+def open_page(browser, server, window: dict):
+    page = browser.new_page(viewport=window)
+    page.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+    page.wait_for_timeout(1500)
+    for _ in range(3):  # whatever a first visit opens
         page.keyboard.press("Escape")
         page.wait_for_timeout(200)
+    return page
 
 
-def show_whole_graph(page) -> None:
-    dismiss_dialogs(page)
-    page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
-    page.wait_for_timeout(800)
+@pytest.fixture(scope="module")
+def page(browser, server):
+    page = open_page(browser, server, WINDOW)
+    yield page
+    page.close()
 
 
-def test_our_nodes_are_in_the_node_library(page, output_dir):
-    types = page.evaluate("() => Object.keys(window.LiteGraph.registered_node_types)")
-    assert {"ACTCollectActivations", "ACTApplyTransportMaps", "ACTStrengthGrid", "ACTConceptPrompts"} <= set(types)
-    category = page.evaluate(
-        "() => window.LiteGraph.registered_node_types['ACTApplyTransportMaps'].category")
-    assert category == "conditioning/activation transport"
-    page.screenshot(path=str(output_dir / "browser_start.png"))
+def open_template_browser(page) -> None:
+    page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+    page.get_by_role("button", name=PACK).click()
+    for title in make_workflows.SPECS:
+        page.locator(".p-dialog").get_by_text(title, exact=True).first.wait_for(timeout=30_000)
+    page.wait_for_timeout(1000)
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.json"), key=lambda p: "load saved" in p.name),
-                         ids=lambda p: p.stem)
-def test_example_loads_queues_and_finishes_in_the_browser(page, server, output_dir, path):
-    workflow = json.loads(path.read_text())
-    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
-    loaded = page.evaluate("""() => {
-        const g = window.app.graph;
-        const nodes = g._nodes || g.nodes;
-        return {types: nodes.map(n => n.type),
-                missing: nodes.filter(n => !(n.type in window.LiteGraph.registered_node_types)).map(n => n.type),
-                links: Object.keys(g.links instanceof Map ? Object.fromEntries(g.links) : g.links).length};
+def open_template(page, title: str) -> None:
+    """Open a template the way a user does: Templates, the pack's group, a click on the card."""
+    open_template_browser(page)
+    page.locator(".p-dialog").get_by_text(title, exact=True).first.click()
+    page.wait_for_function("(n) => (window.app.graph.nodes || window.app.graph._nodes).length === n",
+                           arg=_node_count(title), timeout=30_000)
+    page.wait_for_timeout(1500)  # the view is fitted on the next animation frame
+
+
+def _node_count(title: str) -> int:
+    spec = make_workflows.SPECS[title]
+    return len(spec["nodes"]) + len(spec.get("notes", []))
+
+
+def hidden_nodes(page) -> list[str]:
+    """Nodes (title bar included) not wholly visible: outside the canvas or under the page's menus."""
+    return page.evaluate("""() => {
+        const canvas = window.app.canvas, ds = canvas.ds, el = canvas.canvas;
+        const titleHeight = window.LiteGraph.NODE_TITLE_HEIGHT;
+        const box = el.getBoundingClientRect();
+        const visible = (x, y) => {
+            if (x < box.left || y < box.top || x >= box.right || y >= box.bottom) return false;
+            return document.elementFromPoint(x, y) === el;
+        };
+        const hidden = [];
+        for (const node of window.app.graph.nodes) {
+            const left = box.left + (node.pos[0] + ds.offset[0]) * ds.scale;
+            const top = box.top + (node.pos[1] - titleHeight + ds.offset[1]) * ds.scale;
+            const right = box.left + (node.pos[0] + node.size[0] + ds.offset[0]) * ds.scale;
+            const bottom = box.top + (node.pos[1] + node.size[1] + ds.offset[1]) * ds.scale;
+            // Corners, just inside: a widget drawn on the canvas is still the canvas element.
+            const corners = [[left + 2, top + 2], [right - 2, top + 2], [left + 2, bottom - 2], [right - 2, bottom - 2]];
+            if (!corners.every(([x, y]) => visible(x, y))) hidden.push(node.title);
+        }
+        return hidden;
     }""")
-    assert loaded["missing"] == []
-    assert sorted(loaded["types"]) == sorted(n["type"] for n in workflow["nodes"])
-    assert loaded["links"] == len(workflow["links"])
+
+
+def set_widgets(page, changes: dict) -> None:
+    """Change widget values on the open graph, as a user on a slow machine would before pressing Run."""
+    missing = page.evaluate("""(changes) => {
+        const missing = [];
+        for (const node of window.app.graph.nodes) {
+            for (const [name, value] of Object.entries(changes[node.type] || {})) {
+                const widget = (node.widgets || []).find(w => w.name === name);
+                if (!widget) { missing.push(node.type + '.' + name); continue; }
+                widget.value = value;
+                widget.callback?.(value);
+            }
+        }
+        window.app.graph.setDirtyCanvas(true, true);
+        return missing;
+    }""", changes)
+    assert missing == []
+
+
+def queue_and_wait(page, server) -> dict:
     before = set(server.get("/history"))
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
     deadline = time.time() + 600
@@ -87,7 +135,111 @@ def test_example_loads_queues_and_finishes_in_the_browser(page, server, output_d
                 break
         time.sleep(0.5)
     assert entry is not None, "the page queued nothing"
+    return entry
+
+
+def save_thumbnail(page, output_dir: Path, title: str) -> None:
+    """The finished graph, cropped to its nodes and fitted into the template browser's 4:3 card (512 x 384),
+    for example_workflows/<title>.jpg."""
+    folder = output_dir / "thumbnails"
+    folder.mkdir(exist_ok=True)
+    full = folder / f"{title}.png"
+    page.screenshot(path=str(full))
+    box = page.evaluate("""() => {
+        const canvas = window.app.canvas, ds = canvas.ds, titleHeight = window.LiteGraph.NODE_TITLE_HEIGHT;
+        const r = canvas.canvas.getBoundingClientRect(), nodes = window.app.graph.nodes;
+        const x = v => r.left + (v + ds.offset[0]) * ds.scale, y = v => r.top + (v + ds.offset[1]) * ds.scale;
+        return [Math.min(...nodes.map(n => x(n.pos[0]))), Math.min(...nodes.map(n => y(n.pos[1] - titleHeight))),
+                Math.max(...nodes.map(n => x(n.pos[0] + n.size[0]))), Math.max(...nodes.map(n => y(n.pos[1] + n.size[1])))];
+    }""")
+    with Image.open(full) as shot:
+        left, top, right, bottom = (int(v) for v in box)
+        pad = 16
+        graph = shot.convert("RGB").crop((left - pad, top - pad, right + pad, bottom + pad))
+        graph.thumbnail((512, 384), Image.LANCZOS)
+        card = Image.new("RGB", (512, 384), graph.getpixel((2, 2)))
+        card.paste(graph, ((512 - graph.width) // 2, (384 - graph.height) // 2))
+        card.save(folder / f"{title}.jpg", quality=90)
+    full.unlink()
+
+
+def test_our_nodes_are_in_the_node_library(page, output_dir):
+    types = page.evaluate("() => Object.keys(window.LiteGraph.registered_node_types)")
+    assert {"ACTCollectActivations", "ACTApplyTransportMaps", "ACTStrengthGrid", "ACTConceptPrompts"} <= set(types)
+    category = page.evaluate(
+        "() => window.LiteGraph.registered_node_types['ACTApplyTransportMaps'].category")
+    assert category == "conditioning/activation transport"
+
+
+def test_the_template_browser_shows_our_templates_with_their_thumbnails(page, output_dir):
+    open_template_browser(page)
+    card_images = """(titles) => titles.map(title => {
+        const label = [...document.querySelectorAll('.p-dialog *')].find(e => e.children.length === 0 &&
+                                                                          e.textContent.trim() === title);
+        let card = label;
+        while (card && !card.querySelector('img')) card = card.parentElement;
+        const img = card && card.querySelector('img');
+        return img && img.complete ? img.naturalWidth : 0;
+    })"""
+    titles = list(make_workflows.SPECS)
+    # Thumbnails arrive as blobs fetched from /api/workflow_templates/ComfyUI-ACT/<name>.jpg; a missing
+    # one shows the browser's 224 px placeholder instead.
+    page.wait_for_function(f"(titles) => ({card_images})(titles).every(w => w > 0)", arg=titles, timeout=30_000)
+    widths = page.evaluate(card_images, titles)
+    page.screenshot(path=str(output_dir / "browser_templates.png"))
+    page.keyboard.press("Escape")
+    assert widths == [512] * len(titles), "a thumbnail did not load (the browser shows its placeholder)"
+
+
+@pytest.mark.parametrize("title", list(make_workflows.SPECS))
+def test_template_opens_framed_in_a_laptop_window(browser, server, output_dir, title):
+    page = open_page(browser, server, SMALL_WINDOW)
+    try:
+        open_template(page, title)
+        page.screenshot(path=str(output_dir / f"browser_laptop_{title.replace(' ', '_')}.png"))
+        assert hidden_nodes(page) == []
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("title", list(make_workflows.SPECS))
+def test_template_opens_framed_shrinks_queues_and_finishes_in_the_browser(page, server, output_dir, title):
+    open_template(page, title)
+    page.screenshot(path=str(output_dir / f"browser_opened_{title.replace(' ', '_')}.png"))
+    assert hidden_nodes(page) == []
+    assert page.evaluate("() => window.app.canvas.ds.scale") >= 0.6, "fitted, but too small to read"
+    loaded = page.evaluate("""() => ({
+        missing: window.app.graph.nodes.filter(n => !(n.type in window.LiteGraph.registered_node_types)).map(n => n.type),
+        links: Object.keys(window.app.graph.links instanceof Map ? Object.fromEntries(window.app.graph.links)
+                                                                : window.app.graph.links).length})""")
+    assert loaded["missing"] == []
+    set_widgets(page, make_workflows.SMALL_SIZES)
+    entry = queue_and_wait(page, server)
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
     assert [i for out in entry["outputs"].values() for i in out.get("images", [])]
-    show_whole_graph(page)  # and let the page draw the finished images
-    page.screenshot(path=str(output_dir / f"browser_{path.stem.replace(' ', '_')}.png"))
+    prompt = entry["prompt"][2]
+    assert {n["inputs"]["resolution"] for n in prompt.values() if n["class_type"] == "ACTCollectActivations"} <= {64}
+    page.wait_for_timeout(1500)  # let the page draw the finished images
+    if "ACTSaveTransportMaps" in {n["class_type"] for n in prompt.values()}:
+        saved = page.evaluate("""() => window.app.graph.nodes.filter(n => n.type === 'ACTSaveTransportMaps')
+            .map(n => (n.widgets || []).find(w => w.name === 'saved')?.element?.value)""")
+        assert saved and all("no_pink_elephant.safetensors" in (s or "") for s in saved), saved
+    page.screenshot(path=str(output_dir / f"browser_{title.replace(' ', '_')}.png"))
+    save_thumbnail(page, output_dir, title)
+
+
+def test_an_error_dialog_is_titled_with_the_node_name_people_see(page, server, output_dir):
+    title = next(iter(make_workflows.SPECS))
+    open_template(page, title)
+    set_widgets(page, make_workflows.SMALL_SIZES | {
+        "ACTCollectActivations": {"layers": "custom pattern", "pattern": "norm[", "resolution": 64}})
+    entry = queue_and_wait(page, server)
+    assert entry["status"]["status_str"] == "error"
+    dialog = page.locator(".p-dialog").last
+    dialog.wait_for(timeout=30_000)
+    text = dialog.inner_text()
+    page.screenshot(path=str(output_dir / "browser_error_dialog.png"))
+    page.keyboard.press("Escape")
+    assert "Collect Activations (AcT)" in text and "ACTCollectActivations" not in text
+    assert "fix the 'pattern' input of Collect Activations" in text
+

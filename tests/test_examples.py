@@ -1,4 +1,5 @@
-"""The example workflows: current with the node definitions, and each one runs on the real server."""
+"""The example workflows: current with the node definitions, defaults that serve a real checkpoint, and
+each one runs on the real server (at small sizes set through the API, as a user on a slow machine would)."""
 from __future__ import annotations
 
 import json
@@ -6,17 +7,29 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import make_workflows  # noqa: E402
 
 pytestmark = pytest.mark.server
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
+USUAL_SAMPLERS = {"euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc"}
 
 
 @pytest.fixture(scope="module")
 def object_info(server):
     return server.get("/object_info")
+
+
+def load(title: str) -> dict:
+    return json.loads((EXAMPLES / f"{title}.json").read_text())
+
+
+def widgets(workflow: dict, object_info: dict, node_type: str) -> list[dict]:
+    """The widget values of every node of a type, by input name, as the editor would show them."""
+    prompt = make_workflows.to_api_prompt(workflow, object_info)
+    return [node["inputs"] for node in prompt.values() if node["class_type"] == node_type]
 
 
 def test_examples_match_the_node_definitions(object_info, tmp_path):
@@ -27,9 +40,26 @@ def test_examples_match_the_node_definitions(object_info, tmp_path):
             f"{path.name} is stale: run python tools/make_workflows.py with a current /object_info")
 
 
-def test_comfyui_lists_the_examples_as_templates(server):
+def test_comfyui_lists_the_examples_as_templates_numbered_in_the_order_to_try_them(server):
     templates = server.get("/api/workflow_templates")
     assert sorted(templates["ComfyUI-ACT"]) == sorted(make_workflows.SPECS)
+    # The browser shows them in the server's directory order: the numbers say where to start.
+    assert [title.split(" - ")[0] for title in make_workflows.SPECS] == [f"ACT {i}" for i in range(1, 6)]
+    assert "style dial" in min(make_workflows.SPECS) and "load saved maps" in max(make_workflows.SPECS)
+
+
+@pytest.mark.parametrize("title", list(make_workflows.SPECS))
+def test_every_example_has_a_thumbnail_from_a_run(server, title):
+    path = EXAMPLES / f"{title}.jpg"
+    assert path.exists(), f"no thumbnail {path.name}: copy it from test-output/thumbnails after the browser tests"
+    with Image.open(path) as image:
+        assert image.format == "JPEG" and image.width >= 300 and 0.5 < image.width / image.height < 2.5
+        assert len(set(image.convert("L").resize((32, 32)).getdata())) > 20  # a picture, not a flat placeholder
+    import urllib.parse
+    import urllib.request
+    url = f"{server.url}/api/workflow_templates/ComfyUI-ACT/{urllib.parse.quote(title)}.jpg"
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        assert reply.status == 200 and reply.read() == path.read_bytes()
 
 
 def test_every_node_type_exists_and_every_link_is_whole(object_info):
@@ -41,12 +71,36 @@ def test_every_node_type_exists_and_every_link_is_whole(object_info):
         for link in workflow["links"]:
             assert link[1] in ids and link[3] in ids, (path.name, link)
         assert any(n["type"] == "Note" for n in workflow["nodes"]), f"{path.name} has no note for the user"
+        # Without a saved view the frontend fits the whole graph into the window it opens in.
+        assert "ds" not in workflow.get("extra", {}), path.name
 
 
-@pytest.mark.parametrize("title", list(make_workflows.SPECS))  # in order: saving maps comes before loading them
-def test_example_runs_to_images(server, object_info, title):
-    workflow = json.loads((EXAMPLES / f"{title}.json").read_text())
-    entry = server.run(make_workflows.to_api_prompt(workflow, object_info), timeout=600)
+@pytest.mark.parametrize("title", list(make_workflows.SPECS))
+def test_example_defaults_serve_a_real_checkpoint_on_a_gpu(object_info, title):
+    workflow = load(title)
+    for collect in widgets(workflow, object_info, "ACTCollectActivations"):
+        assert collect["resolution"] == 0, "collect at the model's native size"
+        assert collect["noise_levels"] == 1 and collect["batch_size"] >= 16
+    for kind in ("ACTStylePrompts", "ACTConceptPrompts"):
+        for builder in widgets(workflow, object_info, kind):
+            assert builder["count"] >= 64, "the README's usable dial needs 32 to 64 prompts per side"
+    (sampler,) = widgets(workflow, object_info, "KSampler")
+    assert 20 <= sampler["steps"] <= 40 and 5.0 <= sampler["cfg"] <= 8.0
+    assert sampler["sampler_name"] in USUAL_SAMPLERS and sampler["scheduler"] in {"normal", "karras"}
+    (latent,) = widgets(workflow, object_info, "EmptyLatentImage")
+    (checkpoint,) = widgets(workflow, object_info, "CheckpointLoaderSimple")
+    assert checkpoint["ckpt_name"] == make_workflows.DEMO_CHECKPOINT  # detected as SD1.5: 512 px native
+    assert (latent["width"], latent["height"], latent["batch_size"]) == (512, 512, 1)
+    (note,) = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "Note"]
+    slow = [p for p in note.split("\n\n") if p.startswith("Slow machine")]
+    assert len(slow) == 1 and len(slow[0]) < 3 * 110, "two or three lines on what to change for a slow machine"
+
+
+@pytest.mark.parametrize("title", list(make_workflows.SPECS))
+def test_example_runs_to_images_at_small_sizes(server, object_info, title):
+    prompt = make_workflows.with_inputs(make_workflows.to_api_prompt(load(title), object_info),
+                                        make_workflows.SMALL_SIZES)
+    entry = server.run(prompt, timeout=600)
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
     images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
     assert images

@@ -2,7 +2,9 @@
 thin SD1.5 checkpoint, and the server's interrupt during collection."""
 from __future__ import annotations
 
+import os
 import re
+import stat
 import time
 
 import pytest
@@ -130,3 +132,52 @@ def test_interrupting_steered_sampling_leaves_both_models_as_before(server):
         assert sampled_again(entry)
     assert image_digests(server, steered_after) == image_digests(server, steered_before)
     assert image_digests(server, plain_after) == image_digests(server, plain_before)
+
+
+def queue_expecting_refusal(server, graph: dict) -> str:
+    """POST a prompt that validation must refuse; returns the node errors as text."""
+    import urllib.error
+    try:
+        server.post("/prompt", {"prompt": graph})
+    except urllib.error.HTTPError as error:
+        assert error.code == 400
+        return error.read().decode()
+    raise AssertionError("the server accepted a prompt it should have refused")
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), -float("inf"), 10.5])
+def test_a_strength_that_is_not_a_usable_number_is_refused_before_anything_runs(server, strength):
+    before = len(server.get("/history"))
+    graph = steer(sampling_graph(1, "never") | learn_nodes(SOURCE, TARGET), ["fit", 0], strength=strength)
+    refusal = queue_expecting_refusal(server, graph)
+    assert "fix 'strength' on Apply Transport Maps" in refusal and "-10 to 10" in refusal
+    assert len(server.get("/history")) == before  # nothing was queued, nothing collected
+
+
+def test_a_strength_list_with_a_typo_is_refused_before_anything_runs(server):
+    graph = steer(sampling_graph(1, "never") | learn_nodes(SOURCE, TARGET), ["fit", 0])
+    graph["sweep"] = {"class_type": "ACTStrengthSweep", "inputs": {"strengths": "0, 0.5, one"}}
+    graph["apply"]["inputs"]["strength"] = ["sweep", 0]
+    refusal = queue_expecting_refusal(server, graph)
+    assert "strengths must be numbers separated by commas" in refusal and "Strength Sweep" in refusal
+
+
+def test_saving_maps_shows_the_path_on_the_node_and_writes_a_file_others_can_read(server):
+    graph = learn_nodes(SOURCE, TARGET) | {"out": save_maps_node("shared_with_others")}
+    entry = server.run(graph)
+    assert_success(entry)
+    written = server.base / "models" / "act" / "shared_with_others.safetensors"
+    (shown,) = entry["outputs"]["out"]["text"]
+    assert str(written) in shown and "Load Transport Maps" in shown
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
+
+
+def test_errors_name_their_type_readably(server):
+    graph = learn_nodes(SOURCE, TARGET) | {"out": save_maps_node("never")}
+    graph["collect"]["inputs"].update(layers="custom pattern", pattern="norm[")
+    entry = server.run(graph)
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["exception_type"] == "ComfyUI-ACT.ActError"
+    assert "fix the 'pattern' input of Collect Activations" in error["exception_message"]

@@ -85,6 +85,15 @@ def run(cmd: list, **kwargs) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kwargs)
 
 
+def run_quietly(cmd: list, what: str, **kwargs) -> None:
+    """Run a step whose console output only matters when it fails (building a model with ComfyUI's
+    classes logs every key it fills with random numbers)."""
+    log(what)
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        sys.exit(f"{what} failed:\n{done.stdout}{done.stderr}")
+
+
 def digest(*parts: bytes) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -198,7 +207,8 @@ def place_demo_checkpoint(host: Host) -> None:
     checkpoints.mkdir(parents=True, exist_ok=True)
     if any(p.suffix in {".safetensors", ".ckpt", ".pt", ".pth"} for p in checkpoints.iterdir()):
         return
-    run([host.python, PACK_DIR / "tests" / "make_models.py", "thin-sd15", checkpoints], env=host.env())
+    run_quietly([host.python, PACK_DIR / "tests" / "make_models.py", "thin-sd15", checkpoints], env=host.env(),
+                what="building the demo checkpoint (random weights, about half a minute, once)")
 
 
 PACK_IMPORT_CHECK = """

@@ -8,6 +8,10 @@ the node definitions; tests/test_examples.py regenerates them and compares.
 
 Also converts an editor-format workflow to the API format the server's /prompt takes
 (`to_api_prompt`), the way the frontend does when it queues a graph.
+
+The thumbnails beside each file (<name>.jpg, which ComfyUI serves to its template browser) are the
+browser test's pictures of each finished graph: after a layout change, run tests/test_browser.py and
+copy test-output/thumbnails/*.jpg here. The load example's maps come from tools/make_demo_maps.py.
 """
 from __future__ import annotations
 
@@ -16,12 +20,22 @@ import sys
 from pathlib import Path
 
 DEMO_CHECKPOINT = "ACT-demo-random-weights-sd15.safetensors"
+# Maps fitted on the demo checkpoint, shipped in example_workflows/maps so that the load example runs on
+# a fresh install (tools/make_demo_maps.py makes them).
+DEMO_MAPS = "ACT-demo-no-pink-elephant.safetensors"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 VIRTUAL = {"Note", "MarkdownNote"}
-CHECKPOINT_NOTE = (f"The demo checkpoint {DEMO_CHECKPOINT} has random weights: images are coloured noise. "
-                   "Pick your own SD1.5, SD2.x or SDXL checkpoint in Load Checkpoint for real pictures, and set "
-                   "the image size to its native one (512 / 768 / 1024). Collection at resolution 0 runs at "
-                   "that size too; the examples use 128 to stay quick on a CPU.")
+# Defaults for a real SD1.5 checkpoint on a GPU (the demo checkpoint is detected as SD1.5): its native
+# 512 px, the sampler settings people use with it, and 64 prompts per side.
+IMAGE_SIZE = 512
+SAMPLER = {"steps": 25, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+PROMPT_COUNT = 64
+COLLECT = {"where": "both", "resolution": 0, "noise_levels": 1, "batch_size": 16}
+CHECKPOINT_NOTE = ("\n\nThe demo checkpoint has random weights: its images are coloured noise. Pick a real SD1.5, "
+                   "SD2.x or SDXL checkpoint and set Empty Latent Image to its size (512, 768, 1024); resolution 0 "
+                   "on Collect Activations follows the model.")
+SLOW_MACHINE = ("\n\nSlow machine or CPU: count 16 on the prompt builder, resolution 256 on Collect Activations, "
+                "steps 12 and a 256 px image.")
 
 
 def _inputs(info: dict) -> list[tuple[str, str, dict]]:
@@ -39,7 +53,7 @@ def _is_widget(kind: str, options: dict) -> bool:
     return kind in WIDGET_TYPES and not options.get("forceInput")
 
 
-COLUMN, GAP = 380, 40
+COLUMN, GAP, WIDTH = 360, 40, 320
 PREVIEWS = {"SaveImage", "PreviewImage", "ACTStrengthGrid"}
 
 
@@ -53,7 +67,13 @@ def _height(info: dict, node_type: str) -> int:
         else:
             rows += 1
     rows = max(rows, len(info["output"]))
-    return 46 + 22 * rows + widgets + (220 if node_type in PREVIEWS else 0)
+    return 46 + 22 * rows + widgets + (160 if node_type in PREVIEWS else 0)
+
+
+def _note_height(text: str) -> int:
+    """Room for the note's text at the editor's default font (about 45 characters a line, 14 px each)."""
+    lines = sum(max(1, -(-len(paragraph) // 45)) for paragraph in text.split("\n"))
+    return 40 + 14 * lines
 
 
 def _stack_columns(nodes: list[dict], columns: list[int], rows: list[int]) -> None:
@@ -96,7 +116,7 @@ def build(spec: dict, object_info: dict) -> dict:
                 if options.get("control_after_generate"):
                     widgets.append("fixed")
         nodes.append({"id": ids[key], "type": node["type"], "pos": [0, 0],
-                      "size": [340, _height(info, node["type"])], "flags": {}, "order": len(nodes), "mode": 0,
+                      "size": [WIDTH, _height(info, node["type"])], "flags": {}, "order": len(nodes), "mode": 0,
                       "inputs": inputs,
                       "outputs": [], "properties": {"Node name for S&R": node["type"]}, "widgets_values": widgets,
                       "title": node.get("title", info.get("display_name", node["type"]))})
@@ -109,10 +129,11 @@ def build(spec: dict, object_info: dict) -> dict:
     for i, (text, col, _row) in enumerate(spec.get("notes", [])):
         below = max((n["pos"][1] + n["size"][1] for n in nodes if n["pos"][0] == 40 + COLUMN * col), default=0)
         nodes.append({"id": len(ids) + i + 1, "type": "Note", "pos": [40 + COLUMN * col, below + GAP],
-                      "size": [360, 220], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                      "size": [WIDTH, _note_height(text)], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
                       "properties": {"text": ""}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
     return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
-            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            # No saved view ("ds"): the frontend then fits the whole graph into the user's window.
+            "config": {}, "extra": {}, "version": 0.4}
 
 
 def to_api_prompt(workflow: dict, object_info: dict) -> dict:
@@ -137,35 +158,56 @@ def to_api_prompt(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-def _sampling(prefix: str, model, clip, text: str, col: int, save_prefix: str, size: int = 192) -> dict:
+# What the CPU tests (and tools/make_demo_maps.py) change in a queued copy of a template, the way a
+# user on a slow machine would: the files on disk keep the defaults for real checkpoints.
+SMALL_SIZES = {
+    "ACTStylePrompts": {"count": 8},
+    "ACTConceptPrompts": {"count": 8},
+    "ACTCollectActivations": {"resolution": 64, "batch_size": 32},
+    "KSampler": {"steps": 3},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+}
+
+
+def with_inputs(prompt: dict, changes: dict[str, dict]) -> dict:
+    """An API-format prompt with widget values changed per node type ({class_type: {input: value}})."""
+    out = json.loads(json.dumps(prompt))
+    for node in out.values():
+        for name, value in changes.get(node["class_type"], {}).items():
+            assert name in node["inputs"], (node["class_type"], name)
+            node["inputs"][name] = value
+    return out
+
+
+def _sampling(model, clip, text: str, col: int, save_prefix: str, save_col: int | None = None) -> dict:
+    """Prompt, negative prompt, latent and decoder in column col; the sampler and the saved image in
+    col + 1 (or the image in save_col), so that the last column stays short."""
+    save_col = col + 1 if save_col is None else save_col
     return {
-        f"{prefix}pos": {"type": "CLIPTextEncode", "col": col, "row": 0, "widgets": {"text": text},
-                         "links": {"clip": clip}},
-        f"{prefix}neg": {"type": "CLIPTextEncode", "col": col, "row": 1, "widgets": {"text": "blurry, low quality"},
-                         "links": {"clip": clip}},
-        f"{prefix}latent": {"type": "EmptyLatentImage", "col": col, "row": 2,
-                            "widgets": {"width": size, "height": size, "batch_size": 1}},
-        f"{prefix}sampler": {"type": "KSampler", "col": col + 1, "row": 0,
-                             "widgets": {"seed": 42, "steps": 10, "cfg": 6.0, "sampler_name": "euler",
-                                         "scheduler": "normal", "denoise": 1.0},
-                             "links": {"model": model, "positive": [f"{prefix}pos", 0],
-                                       "negative": [f"{prefix}neg", 0], "latent_image": [f"{prefix}latent", 0]}},
-        f"{prefix}decode": {"type": "VAEDecode", "col": col + 1, "row": 1,
-                            "links": {"samples": [f"{prefix}sampler", 0], "vae": ["ckpt", 2]}},
-        f"{prefix}save": {"type": "SaveImage", "col": col + 2, "row": 0, "widgets": {"filename_prefix": save_prefix},
-                          "links": {"images": [f"{prefix}decode", 0]}},
+        "pos": {"type": "CLIPTextEncode", "col": col, "row": 0, "widgets": {"text": text}, "links": {"clip": clip}},
+        "neg": {"type": "CLIPTextEncode", "col": col, "row": 1, "widgets": {"text": "blurry, low quality, watermark"},
+                "links": {"clip": clip}},
+        "latent": {"type": "EmptyLatentImage", "col": col, "row": 2,
+                   "widgets": {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 1}},
+        "sampler": {"type": "KSampler", "col": col + 1, "row": 0,
+                    "widgets": {"seed": 42, **SAMPLER, "denoise": 1.0},
+                    "links": {"model": model, "positive": ["pos", 0], "negative": ["neg", 0],
+                              "latent_image": ["latent", 0]}},
+        "decode": {"type": "VAEDecode", "col": col, "row": 3, "links": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
+        "save": {"type": "SaveImage", "col": save_col, "row": 1, "widgets": {"filename_prefix": save_prefix},
+                 "links": {"images": ["decode", 0]}},
     }
 
 
-def _learn(prompts_node: dict, col: int = 1) -> dict:
+def _learn(prompts_node: dict) -> dict:
+    """Checkpoint and prompt builder in column 0, collection and fitting in column 1."""
     return {
         "ckpt": {"type": "CheckpointLoaderSimple", "col": 0, "row": 0, "widgets": {"ckpt_name": DEMO_CHECKPOINT}},
         "prompts": prompts_node | {"col": 0, "row": 1},
-        "collect": {"type": "ACTCollectActivations", "col": col, "row": 0,
-                    "widgets": {"where": "both", "resolution": 128, "batch_size": 64},
+        "collect": {"type": "ACTCollectActivations", "col": 1, "row": 0, "widgets": dict(COLLECT),
                     "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "source_prompts": ["prompts", 0],
                               "target_prompts": ["prompts", 1]}},
-        "fit": {"type": "ACTFitTransportMaps", "col": col, "row": 1, "links": {"activations": ["collect", 0]}},
+        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "links": {"activations": ["collect", 0]}},
     }
 
 
@@ -179,63 +221,63 @@ def _apply(strength, col: int = 2, row: int = 0) -> dict:
     return {"apply": {"type": "ACTApplyTransportMaps", "col": col, "row": row, "widgets": widgets, "links": links}}
 
 
+# Numbered in the order people should meet them (the template browser lists them in directory order,
+# which a pack cannot choose). The note sits in the first column, where reading starts; the last column
+# stays short so that the editor's minimap, in the bottom right corner, covers no node.
 SPECS = {
-    "ACT - remove a concept (no pink elephant)": {
-        "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "a pink elephant", "direction": "remove",
-                                                                  "count": 32}})
-        | _apply(1.0)
-        | _sampling("", ["apply", 0], ["apply", 1], "a house on a hill, and a pink elephant", 3, "act_no_elephant")
-        | {"savemaps": {"type": "ACTSaveTransportMaps", "col": 2, "row": 1,
-                        "widgets": {"name": "no_pink_elephant", "overwrite": True}, "links": {"maps": ["fit", 0]}}},
-        "notes": [("Remove a concept. Concept Prompts writes captions with the concept and the same captions "
-                   "without it; the maps learn the difference, and Apply Transport Maps takes the concept out "
-                   "even when the prompt asks for it. Change 'concept' to what you want gone; raise 'strength' "
-                   "above 1 if traces remain. The maps are saved as no_pink_elephant for the 'load saved maps' "
-                   "example. " + CHECKPOINT_NOTE, 0, 2)],
-    },
-    "ACT - style dial (watercolor)": {
-        "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "watercolor", "count": 32}})
+    "ACT 1 - style dial (watercolor)": {
+        "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "watercolor", "count": PROMPT_COUNT}})
         | _apply(0.7)
-        | _sampling("", ["apply", 0], ["apply", 1], "a harbour full of fishing boats", 3, "act_style"),
-        "notes": [("Style dial. Style Prompts pairs plain captions with the same captions plus style tags. Pick "
-                   "another 'style' (anime, cyberpunk, pixel art...) or type your own tags; turn 'strength' "
-                   "between 0 (no style) and 1 (full style). " + CHECKPOINT_NOTE, 0, 2)],
+        | _sampling(["apply", 0], ["apply", 1], "a harbour full of fishing boats", 3, "act_style"),
+        "notes": [("Style dial: learn a style once from prompt pairs (plain captions vs. the same with style "
+                   "tags), then turn 'strength' on Apply Transport Maps: 0 = no style, 1 = full style. Try "
+                   "another style or your own tags." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
-    "ACT - add objects (more trees)": {
-        "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "many tall trees", "direction": "add",
-                                                                  "count": 32}})
+    "ACT 2 - remove a concept (no pink elephant)": {
+        "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "a pink elephant", "direction": "remove",
+                                                                  "count": PROMPT_COUNT}})
         | _apply(1.0)
-        | _sampling("", ["apply", 0], ["apply", 1], "a quiet street with houses", 3, "act_trees"),
-        "notes": [("Add objects. With direction 'add' the targets carry the concept, so the maps put it into "
-                   "images whose prompt never mentions it. Try 'snow on the ground' or 'a red umbrella'. "
-                   + CHECKPOINT_NOTE, 0, 2)],
+        | {"savemaps": {"type": "ACTSaveTransportMaps", "col": 2, "row": 1,
+                        "widgets": {"name": "no_pink_elephant", "overwrite": True}, "links": {"maps": ["fit", 0]}}}
+        | _sampling(["apply", 0], ["apply", 1], "a house on a hill, and a pink elephant", 3, "act_no_elephant"),
+        "notes": [("Remove a concept, even when the prompt asks for it: the maps learn captions with it vs. "
+                   "without it. Raise 'strength' above 1 if traces remain. Save Transport Maps keeps the maps "
+                   "in models/act for Load Transport Maps." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
-    "ACT - strength sweep grid": {
-        "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "sketch", "count": 32}})
-        | {"sweep": {"type": "ACTStrengthSweep", "col": 2, "row": 1, "widgets": {"strengths": "0, 0.25, 0.5, 0.75, 1"}}}
-        | _apply(["sweep", 0])
-        | _sampling("", ["apply", 0], ["apply", 1], "a lighthouse on a rocky coast", 3, "act_sweep_frame")
+    "ACT 3 - add objects (more trees)": {
+        "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "many tall trees", "direction": "add",
+                                                                  "count": PROMPT_COUNT}})
+        | _apply(1.0)
+        | _sampling(["apply", 0], ["apply", 1], "a quiet street with houses", 3, "act_trees"),
+        "notes": [("Add objects no prompt mentions: with direction 'add' the target captions carry the "
+                   "concept, so the maps put it into every image. Try 'snow on the ground' or 'a red umbrella'."
+                   + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
+    },
+    "ACT 4 - strength sweep grid": {
+        "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "sketch", "count": PROMPT_COUNT}})
+        | {"inspect": {"type": "ACTInspectMaps", "col": 1, "row": 2, "links": {"maps": ["fit", 0]}},
+           "sweep": {"type": "ACTStrengthSweep", "col": 2, "row": 0, "widgets": {"strengths": "0, 0.25, 0.5, 0.75, 1"}},
+           "chart": {"type": "PreviewImage", "col": 2, "row": 2, "links": {"images": ["inspect", 0]}}}
+        | _apply(["sweep", 0], row=1)
+        | _sampling(["apply", 0], ["apply", 1], "a lighthouse on a rocky coast", 3, "act_sweep_frame")
         | {"grid": {"type": "ACTStrengthGrid", "col": 5, "row": 0,
                     "links": {"images": ["decode", 0], "strength": ["sweep", 0]}},
            "savegrid": {"type": "SaveImage", "col": 5, "row": 1, "widgets": {"filename_prefix": "act_sweep_grid"},
-                        "links": {"images": ["grid", 0]}},
-           "inspect": {"type": "ACTInspectMaps", "col": 1, "row": 2, "links": {"maps": ["fit", 0]}},
-           "chart": {"type": "PreviewImage", "col": 2, "row": 2, "links": {"images": ["inspect", 0]}}},
-        "notes": [("Strength sweep. Strength Sweep sends each strength through Apply Transport Maps and the "
-                   "sampler, Strength Grid lays the results side by side (strength under each) and plays them "
-                   "as an animation; Inspect shows which layers move most. Edit 'strengths' to zoom in. "
-                   + CHECKPOINT_NOTE, 0, 2)],
+                        "links": {"images": ["grid", 0]}}},
+        "notes": [("See the whole dial at once: one image per strength, labelled side by side and as an "
+                   "animation; Inspect shows which layers move most. Edit 'strengths' to zoom in."
+                   + CHECKPOINT_NOTE + SLOW_MACHINE + " Fewer strengths, fewer images.", 0, 2)],
     },
-    "ACT - load saved maps and apply": {
+    "ACT 5 - load saved maps and apply": {
         "nodes": {"ckpt": {"type": "CheckpointLoaderSimple", "col": 0, "row": 0,
                            "widgets": {"ckpt_name": DEMO_CHECKPOINT}},
-                  "fit": {"type": "ACTLoadTransportMaps", "col": 1, "row": 0,
-                          "widgets": {"maps_name": "no_pink_elephant.safetensors"}}}
-        | _apply(1.0)
-        | _sampling("", ["apply", 0], ["apply", 1], "a garden with a pink elephant", 3, "act_loaded"),
-        "notes": [("Reuse maps. Load Transport Maps lists the files in ComfyUI/models/act (run the 'remove a "
-                   "concept' example once to create no_pink_elephant). Maps work on the kind of model they were "
-                   "fitted on; share the .safetensors file to share a dial. " + CHECKPOINT_NOTE, 0, 1)],
+                  "fit": {"type": "ACTLoadTransportMaps", "col": 1, "row": 0, "widgets": {"maps_name": DEMO_MAPS}}}
+        | _apply(1.0, col=1, row=1)
+        | _sampling(["apply", 0], ["apply", 1], "a garden with a pink elephant", 2, "act_loaded", save_col=4),
+        "notes": [("Reuse saved maps: no learning, only sampling. Load Transport Maps lists models/act and "
+                   f"the demo maps {DEMO_MAPS}, made for the demo checkpoint; maps fit the kind of model they were "
+                   "fitted on, so save your own (the 'remove a concept' example does) and pick them here."
+                   + CHECKPOINT_NOTE + "\n\nSlow machine or CPU: steps 12 and a 256 px image.", 0, 3)],
     },
 }
 
