@@ -486,11 +486,20 @@ class _Unit:
 
 
 class _Stored:
-    """A tensor kept on the CPU between replays, with the device it goes back to."""
-    __slots__ = ("data", "device")
+    """A tensor kept on the CPU between replays, with the device it goes back to. The class keeps
+    count of the bytes held (bench/estimation reports the peak)."""
+    __slots__ = ("data", "device", "bytes")
+    held_bytes = 0
+    peak_bytes = 0
 
     def __init__(self, data: torch.Tensor, device: torch.device):
         self.data, self.device = data, device
+        self.bytes = 0 if data.device.type == "meta" else data.numel() * data.element_size()
+        _Stored.held_bytes += self.bytes
+        _Stored.peak_bytes = max(_Stored.peak_bytes, _Stored.held_bytes)
+
+    def __del__(self):
+        _Stored.held_bytes -= self.bytes
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "_Stored":
