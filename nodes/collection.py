@@ -486,23 +486,36 @@ class _Unit:
 
 
 class _Stored:
-    """A tensor kept on the CPU between replays, with the device it goes back to. The class keeps
-    count of the bytes held (bench/estimation reports the peak)."""
-    __slots__ = ("data", "device", "bytes")
+    """A recorded tensor between replays, with the device it goes back to. It stays on the
+    accelerator while `device_room` bytes allow (copies over the bus cost more than the model's
+    own work there), else it moves to the CPU. The class counts the bytes held on the CPU
+    (bench/estimation reports the peak)."""
+    __slots__ = ("data", "device", "bytes", "on_device")
+    device_room = 0
     held_bytes = 0
     peak_bytes = 0
 
     def __init__(self, data: torch.Tensor, device: torch.device):
         self.data, self.device = data, device
         self.bytes = 0 if data.device.type == "meta" else data.numel() * data.element_size()
-        _Stored.held_bytes += self.bytes
-        _Stored.peak_bytes = max(_Stored.peak_bytes, _Stored.held_bytes)
+        self.on_device = data.device.type not in ("cpu", "meta")
+        if self.on_device:
+            _Stored.device_room -= self.bytes
+        else:
+            _Stored.held_bytes += self.bytes
+            _Stored.peak_bytes = max(_Stored.peak_bytes, _Stored.held_bytes)
 
     def __del__(self):
-        _Stored.held_bytes -= self.bytes
+        if self.on_device:
+            _Stored.device_room += self.bytes
+        else:
+            _Stored.held_bytes -= self.bytes
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "_Stored":
+        size = tensor.numel() * tensor.element_size()
+        if tensor.device.type != "cpu" and size <= cls.device_room:
+            return cls(tensor.detach().clone(), tensor.device)
         return cls(tensor.detach().to("cpu", copy=True), tensor.device)
 
     def load(self) -> torch.Tensor:
@@ -620,6 +633,7 @@ class _Replay:
         self.total = len(c.prompts) * c.levels
         self.maps: dict[str, LayerMap] = {}
         self.conds: list = []
+        self.failed_probes: set = set()
         self.roots = {}
         for part in ("text", "unet"):
             layers = [n for n in self.order if is_unet_layer(n) == (part == "unet")]
@@ -653,6 +667,18 @@ class _Replay:
         return root
 
     def run(self) -> dict[str, LayerMap]:
+        import comfy.model_management
+        device = self.c.model.load_device
+        # Half of what is free beside the loaded model and one batch's work (the collection ran
+        # just before): recorded activations use it first, the rest goes to the CPU.
+        room = comfy.model_management.get_free_memory(device) // 2 if device.type == "cuda" else 0
+        _Stored.device_room += room
+        try:
+            return self._run_all()
+        finally:
+            _Stored.device_room -= room
+
+    def _run_all(self) -> dict[str, LayerMap]:
         c = self.c
         none = [None] * len(self.batches)
         if "text" in self.roots:
@@ -765,10 +791,18 @@ class _Replay:
         kids = unit.children
         held = state["held"]
         trial = set() if held is None else {k.name for k in kids[:upto]} - held - state["dropped"] - state["kept"]
+        # A failed probe costs a second run of the first batch; units of one class fail alike
+        # (a residual sum that reads the answer), so a failure is remembered for the class.
+        known = (type(unit.module) if unit.module is not None else unit.name, upto,
+                 tuple(i for i, k in enumerate(kids) if k.name in trial))
+        if trial and known in self.failed_probes:
+            state["kept"] |= trial
+            trial = set()
         for b in range(len(self.batches)):
             if b == 0 and trial:
                 found = self._run(unit, b, inputs, outputs, state["dropped"] | trial, upto, probe=True)
                 if found["nan"]:
+                    self.failed_probes.add(known)
                     state["kept"] |= trial
                     found = self._run(unit, b, inputs, outputs, state["dropped"], upto)
                 else:
