@@ -7,15 +7,17 @@ other patches (LoRAs, other packs) loaded as for sampling. Only pooled activatio
 [samples, neurons] per layer, never feature maps.
 
 Schedules for incremental estimation, where the map of layer l is fitted from activations recorded
-with the maps of all earlier layers applied:
+with the maps of all earlier layers applied (all give the same maps):
   * one pass, fitting inside the hooks, when every sample fits in one batch: a layer's hook sees
     the whole prompt set, fits the map there, transports its own output and hands it on, so later
     layers see exactly what a pass with all earlier maps applied would show them;
-  * block by block otherwise (bounded memory): for each block of layers (a UNet input/output block,
-    a text-encoder layer), one sweep over the batches truncated after that block, with the maps of
-    all earlier blocks applied; layers inside a block are fitted from the same sweep. SDXL's ~280
-    norm layers fall in ~25 blocks: an order of magnitude fewer model passes than one per layer.
-Blocks of single layers give the reference's layer-by-layer schedule (used by bench/estimation).
+  * the replay of units otherwise (_Replay): the module calls that lead to the chosen layers,
+    recorded during the collection, are run piece by piece from inputs recorded per batch; the
+    model's working memory is that of one batch, the records use spare device memory (at most half
+    of it) and then the CPU's; about two passes' worth of model work;
+  * layer by layer, the reference's schedule: one sweep over the batches per layer, truncated after
+    it. The yardstick of tests and bench/estimation, and the fallback when the model's module
+    calls are patched (then replaying a module alone would not reproduce what a pass does).
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
 
 from ..act_core import LayerMap, TransportMaps, fit_layer
 from .model_layers import (WHERE, ActError, clip_modules, is_unet_layer, model_family, select_layers,
@@ -530,20 +531,41 @@ class _Stored:
         return torch.full(self.data.shape, fill, dtype=self.data.dtype, device=self.device)
 
 
+def _map(fn, value, kind):
+    """`value` with fn applied to each `kind` inside lists, tuples and dicts (rebuilt, so that the
+    model may change what it is handed), everything else as it is. Lighter than torch's pytree for
+    the option dicts that come with every UNet call."""
+    if isinstance(value, kind):
+        return fn(value)
+    if type(value) is dict:
+        return {k: _map(fn, v, kind) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_map(fn, v, kind) for v in value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_map(fn, v, kind) for v in value))
+    return value
+
+
+def _leaves(value, kind) -> list:
+    found = []
+    _map(found.append, value, kind)
+    return found
+
+
 def _store(tree):
-    return tree_map(lambda x: _Stored.of(x) if isinstance(x, torch.Tensor) else x, tree)
+    return _map(_Stored.of, tree, torch.Tensor)
 
 
 def _load(tree, blank: bool = False):
-    return tree_map(lambda x: (x.blank() if blank else x.load()) if isinstance(x, _Stored) else x, tree)
+    return _map(_Stored.blank if blank else _Stored.load, tree, _Stored)
 
 
 def _hollow(tree):
-    return tree_map(lambda x: x.hollow() if isinstance(x, _Stored) else x, tree)
+    return _map(_Stored.hollow, tree, _Stored)
 
 
 def _has_nan(tree) -> bool:
-    tensors = [x.data if isinstance(x, _Stored) else x for x in tree_leaves(tree)]
+    tensors = [x.data if isinstance(x, _Stored) else x for x in _leaves(tree, (torch.Tensor, _Stored))]
     return any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta"
                and bool(torch.isnan(t).any()) for t in tensors)
 
@@ -603,7 +625,7 @@ class _Replay:
     The model runs as a tree of units: module calls on the path to the chosen layers (CLIP's text
     encoders, their transformer layers, the norms; the UNet, its ResBlocks, SpatialTransformers,
     transformer blocks, norms), as recorded during the collection. A unit is processed with its
-    inputs recorded for every batch (on the CPU), computed with the final maps of everything before:
+    inputs recorded for every batch (see _Stored), computed with the final maps of everything before:
       for each child unit in call order: replay this unit per batch, the children already done
       answering with their recorded outputs, and stop at the child's call to record its inputs;
       process the child (recursively); then run the unit once more per batch to get its output.
@@ -634,6 +656,7 @@ class _Replay:
         self.maps: dict[str, LayerMap] = {}
         self.conds: list = []
         self.failed_probes: set = set()
+        self.selections: dict[int, tuple] = {}
         self.roots = {}
         for part in ("text", "unet"):
             layers = [n for n in self.order if is_unet_layer(n) == (part == "unet")]
@@ -690,9 +713,11 @@ class _Replay:
         return {n: self.maps[n] for n in self.order}
 
     def _select(self, b: int) -> None:
-        batch = self.batches[b]
-        self.c._batch_rows = self.c._rows(batch)
-        self.c._chunk_owners(batch)
+        """Make batch b the one that pooling refers to."""
+        if b not in self.selections:
+            batch = self.batches[b]
+            self.selections[b] = (self.c._rows(batch), self.c._chunk_owners(batch), len(batch))
+        self.c._batch_rows, self.c._chunk_owner, self.c._chunk_prompts = self.selections[b]
 
     def _call(self, unit: _Unit, b: int, inputs: list):
         if unit.module is not None:
@@ -722,7 +747,7 @@ class _Replay:
         def answer(kid: _Unit):
             def forward(*_args, **_kwargs):
                 value = _load(outputs[kid.name][b], blank=kid.name in blanks)
-                held[kid.name] = [weakref.ref(t) for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+                held[kid.name] = [weakref.ref(t) for t in _leaves(value, torch.Tensor)]
                 return value
             return forward
 
