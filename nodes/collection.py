@@ -815,7 +815,10 @@ class _Replay:
         kept); otherwise they are kept for good."""
         kids = unit.children
         held = state["held"]
-        trial = set() if held is None else {k.name for k in kids[:upto]} - held - state["dropped"] - state["kept"]
+        # Only children answered in the previous run can be known to be let go (the previous child was
+        # that run's stop, and its output is the next one's input more often than not).
+        answered = {k.name for k in kids[:max(0, upto - 1)]}
+        trial = set() if held is None else answered - held - state["dropped"] - state["kept"]
         # A failed probe costs a second run of the first batch; units of one class fail alike
         # (a residual sum that reads the answer), so a failure is remembered for the class.
         known = (type(unit.module) if unit.module is not None else unit.name, upto,
