@@ -14,7 +14,7 @@ with the maps of all earlier layers applied (all give the same maps):
   * the replay of units otherwise (_Replay): the module calls that lead to the chosen layers,
     recorded during the collection, are run piece by piece from inputs recorded per batch; the
     model's working memory is that of one batch, the records use spare device memory (at most half
-    of it) and then the CPU's; about two passes' worth of model work;
+    of it) and then the CPU's; about 1.6 passes' worth of model work;
   * layer by layer, the reference's schedule: one sweep over the batches per layer, truncated after
     it. The yardstick of tests and bench/estimation, and the fallback when the model's module
     calls are patched (then replaying a module alone would not reproduce what a pass does).

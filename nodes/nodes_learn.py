@@ -66,7 +66,7 @@ class CollectActivations(io.ComfyNode):
                              tooltip="Samples per model call: sets the GPU memory peak (the number of "
                                      "prompts does not). Incremental fitting gives the same maps at any size: "
                                      "one extra pass when all prompts x noise levels fit in one batch, about "
-                                     "two otherwise, with the replayed activations kept in spare GPU memory "
+                                     "1.6 otherwise, with the replayed activations kept in spare GPU memory "
                                      "or system RAM."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False),
             ],
