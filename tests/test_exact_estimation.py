@@ -49,9 +49,10 @@ def test_incremental_maps_equal_the_layer_by_layer_reference_at_any_batch_size(p
         assert_same_maps(maps, reference, activations.order)
 
 
-def test_sdxl_text_encoders_and_unet_in_batches_of_4_equal_the_layer_by_layer_reference(pack, sdxl, caplog):
+def test_sdxl_text_encoders_and_unet_in_batches_of_16_equal_the_layer_by_layer_reference(pack, sdxl, caplog):
     model, clip, _ = sdxl
-    activations = collect(pack, model, clip, where="both", batch_size=4)[0]
+    # 20 prompts in two batches: the reference costs one sweep per layer and batch.
+    activations = collect(pack, model, clip, where="both", batch_size=16)[0]
     reference = activations.collector.incremental(activations, "linear", "q_0_100", blocks="layers")
     with caplog.at_level(logging.WARNING, logger="comfyui_act"):
         maps = fit(pack, activations)
