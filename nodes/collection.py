@@ -7,27 +7,33 @@ other patches (LoRAs, other packs) loaded as for sampling. Only pooled activatio
 [samples, neurons] per layer, never feature maps.
 
 Schedules for incremental estimation, where the map of layer l is fitted from activations recorded
-with the maps of all earlier layers applied:
+with the maps of all earlier layers applied (all give the same maps):
   * one pass, fitting inside the hooks, when every sample fits in one batch: a layer's hook sees
     the whole prompt set, fits the map there, transports its own output and hands it on, so later
     layers see exactly what a pass with all earlier maps applied would show them;
-  * block by block otherwise (bounded memory): for each block of layers (a UNet input/output block,
-    a text-encoder layer), one sweep over the batches truncated after that block, with the maps of
-    all earlier blocks applied; layers inside a block are fitted from the same sweep. SDXL's ~280
-    norm layers fall in ~25 blocks: an order of magnitude fewer model passes than one per layer.
-Blocks of single layers give the reference's layer-by-layer schedule (used by bench/estimation).
+  * the replay of units otherwise (_Replay): the module calls that lead to the chosen layers,
+    recorded during the collection, are run piece by piece from inputs recorded per batch; the
+    model's working memory is that of one batch, the records use spare device memory (at most half
+    of it) and then the CPU's; about 1.6 passes' worth of model work;
+  * layer by layer, the reference's schedule: one sweep over the batches per layer, truncated after
+    it. The yardstick of tests and bench/estimation, and the fallback when the model's module
+    calls are patched (then replaying a module alone would not reproduce what a pass does).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import sys
+import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from ..act_core import LayerMap, TransportMaps, fit_layer
-from .model_layers import (WHERE, ActError, block_of, clip_modules, model_family, select_layers,
+from .model_layers import (WHERE, ActError, clip_modules, is_unet_layer, model_family, select_layers,
                            text_encoder_names, unet_modules)
 from .steering import hooks_installed
 
@@ -119,6 +125,7 @@ class Collector:
             raise ActError(f"resolution {self.resolution} is not a multiple of 8; fix it on Collect Activations")
         self.prompts_per_batch = max(1, settings.batch_size // self.levels)
         self.passes = 0
+        self.call_tree: CallTree | None = None
         self._conds_cache: dict[int, tuple] = {}
 
     # ----- what the passes are made of -----
@@ -150,13 +157,10 @@ class Collector:
     def _encode(self, prompts: list[int], text_hooks: list) -> tuple[list[torch.Tensor], list]:
         """Encode prompts in one text-encoder batch; returns per-prompt conds and pooled outputs."""
         merged: dict[str, list] = {}
-        owners: list[int] = []
-        for local, p in enumerate(prompts):
-            tokens = self.tokens[p]
-            counts = {len(v) for v in tokens.values()}
-            for key, chunks in tokens.items():
+        for p in prompts:
+            for key, chunks in self.tokens[p].items():
                 merged.setdefault(key, []).extend(chunks)
-            owners.extend([local] * counts.pop())
+        owners = self._chunk_owners(prompts)
         stage = self.clip.cond_stage_model
         pooled_from = getattr(stage, "clip_g", None) or getattr(stage, text_encoder_names(self.clip)[0])
         captured = {}
@@ -165,10 +169,9 @@ class Collector:
             if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
                 captured["pooled"] = output[1]
 
-        self._chunk_owner = torch.tensor(owners)
-        self._chunk_prompts = len(prompts)
         with hooks_installed([(pooled_from, capture_pooled)] + text_hooks):
             cond, _ = self.clip.encode_from_tokens(merged, return_pooled=True)
+        owners = owners.tolist()
         first_chunk = [owners.index(i) for i in range(len(prompts))]
         ends = first_chunk[1:] + [len(owners)]
         tokens_per_chunk = cond.shape[1] // len(owners)
@@ -176,6 +179,16 @@ class Collector:
         pooled = captured.get("pooled")
         pooled_list = [pooled[s:s + 1].float().cpu() if pooled is not None else None for s in first_chunk]
         return conds, pooled_list
+
+    def _chunk_owners(self, prompts: list[int]) -> torch.Tensor:
+        """Which prompt of the batch each text-encoder chunk belongs to (long prompts span chunks);
+        also makes this batch the one that text pooling refers to."""
+        owners: list[int] = []
+        for local, p in enumerate(prompts):
+            owners.extend([local] * len(next(iter(self.tokens[p].values()))))
+        self._chunk_owner = torch.tensor(owners)
+        self._chunk_prompts = len(prompts)
+        return self._chunk_owner
 
     def _pool_text(self, output: torch.Tensor) -> torch.Tensor:
         """Mean over each prompt's tokens (all its chunks) -> [prompts, neurons] float32."""
@@ -189,7 +202,10 @@ class Collector:
         counts = torch.bincount(self._chunk_owner, minlength=self._chunk_prompts).to(means.device)
         return (sums / counts[:, None]).cpu()
 
-    def _unet_call(self, conds: list[torch.Tensor], pooled: list, unet_hooks: list) -> None:
+    def _unet_call(self, conds: list[torch.Tensor], pooled: list, unet_hooks: list, inside=None) -> None:
+        """One call of the diffusion model on this batch through ComfyUI's sampler path; with
+        `inside`, that function runs in the sampler instead of the model call, with the model loaded
+        and patched as for sampling."""
         import comfy.samplers
         sigmas = self._sigmas()
         samples = len(conds) * self.levels
@@ -219,7 +235,10 @@ class Collector:
             first = (s >= sigma_max * (1 - 1e-5)).view(-1, 1, 1, 1)
             x_in = torch.where(first, ms.noise_scaling(s.view(-1, 1, 1, 1), n, latent, True),
                                ms.noise_scaling(s.view(-1, 1, 1, 1), n, latent, False))
-            model_fn(x_in, s, **(extra_args or {}))
+            if inside is not None:
+                inside()
+            else:
+                model_fn(x_in, s, **(extra_args or {}))
             return x
 
         guider = comfy.samplers.CFGGuider(self.model)
@@ -235,39 +254,42 @@ class Collector:
     @torch.no_grad()  # ComfyUI runs nodes in inference mode; scripts and tests may not, and the pooled
     # rows must never hold on to a pass's autograd graph.
     def _sweep(self, batches: list[list[int]], record: set[str], apply_maps: dict[str, LayerMap],
-               fit_args: tuple | None, stop_after: str | None, progress) -> dict:
+               fit_args: tuple | None, stop_after: str | None, progress, call_tree: "CallTree | None" = None) -> dict:
         """Run batches through text encoder then diffusion model. Records pooled activations of the
         layers in `record`, applies `apply_maps`, fits maps in the hooks when fit_args is given, and
-        stops each pass after layer `stop_after`. Returns {"samples": {layer: [rows, D]},
+        stops each pass after layer `stop_after`; records the module calls of the first batch into
+        `call_tree` when given. Returns {"samples": {layer: [rows, D]},
         "kinds": {...}, "order": [...], "maps": {...}}."""
         import comfy.model_management
         total = len(self.prompts) * self.levels
         result = {"samples": {}, "kinds": {}, "order": [], "maps": {}, "repeated": set()}
         need_unet = stop_after is None or stop_after in self.unet_layers
-        for batch in batches:
+        for index, batch in enumerate(batches):
             comfy.model_management.throw_exception_if_processing_interrupted()
             self._batch_rows = self._rows(batch)
             fired: set[str] = set()
+            recording = call_tree.recording() if call_tree is not None and index == 0 else contextlib.nullcontext()
             text_record = record & set(self.text_layers)
             text_apply = frozenset(n for n in self.text_layers if n in apply_maps)
             cache_key = (batch[0], text_apply)
             cacheable = not text_record and fit_args is None
             try:
-                if cacheable and cache_key in self._conds_cache:
-                    conds, pooled = self._conds_cache[cache_key]
-                else:
-                    text_hooks = [(m, self._hook(n, "text", record, apply_maps, fit_args, stop_after, result,
-                                                 fired, total))
-                                  for n, m in self.text_layers.items()
-                                  if n in text_record or n in text_apply or fit_args]
-                    conds, pooled = self._encode(batch, text_hooks)
-                    if cacheable:
-                        self._conds_cache[cache_key] = (conds, pooled)
-                if need_unet and self.unet_layers and (record & set(self.unet_layers) or fit_args):
-                    unet_hooks = [(m, self._hook(n, "unet", record, apply_maps, fit_args, stop_after, result,
-                                                 fired, total))
-                                  for n, m in self.unet_layers.items() if n in record or n in apply_maps or fit_args]
-                    self._unet_call(conds, pooled, unet_hooks)
+                with recording:
+                    if cacheable and cache_key in self._conds_cache:
+                        conds, pooled = self._conds_cache[cache_key]
+                    else:
+                        text_hooks = [(m, self._hook(n, "text", record, apply_maps, fit_args, stop_after, result,
+                                                     fired, total))
+                                      for n, m in self.text_layers.items()
+                                      if n in text_record or n in text_apply or fit_args]
+                        conds, pooled = self._encode(batch, text_hooks)
+                        if cacheable:
+                            self._conds_cache[cache_key] = (conds, pooled)
+                    if need_unet and self.unet_layers and (record & set(self.unet_layers) or fit_args):
+                        unet_hooks = [(m, self._hook(n, "unet", record, apply_maps, fit_args, stop_after, result,
+                                                     fired, total))
+                                      for n, m in self.unet_layers.items() if n in record or n in apply_maps or fit_args]
+                        self._unet_call(conds, pooled, unet_hooks)
             except _PassComplete:
                 pass
             self.passes += 1
@@ -285,32 +307,13 @@ class Collector:
                 result["repeated"].add(name)
                 return output
             fired.add(name)
-            if part == "text":
-                pooled = self._pool_text(output)
-                rows = torch.tensor([p * self.levels for p in self._batch_prompts_from_rows()])
-            else:
-                pooled = (output.float().mean(dim=(2, 3)) if output.ndim == 4
-                          else output.float().mean(1) if output.ndim == 3 else output.float()).cpu()
-                rows = self._batch_rows
-                if pooled.shape[0] != rows.shape[0]:
-                    raise ActError(f"layer {name} saw {pooled.shape[0]} samples where {rows.shape[0]} were sent; "
-                                   "ComfyUI split the batch (low memory?): lower batch_size on Collect Activations")
-            if not torch.isfinite(pooled).all():
-                raise ActError(f"layer {name} produced NaN or infinite activations; the model may be broken, "
-                               "or run in a precision too low for it (try --force-fp32)")
+            pooled, rows = self._pool(name, part, output)
             kind = "conv" if output.ndim == 4 else "token"
             result["kinds"][name] = kind
             if name not in result["order"]:
                 result["order"].append(name)
             if name in record:
-                store = result["samples"].get(name)
-                if store is None:
-                    store = result["samples"][name] = torch.full((total, pooled.shape[1]), math.nan)
-                if part == "text":
-                    for lv in range(self.levels):
-                        store[rows + lv] = pooled
-                else:
-                    store[rows] = pooled
+                self._record(result["samples"], name, part, pooled, rows, total)
             layer_map = apply_maps.get(name)
             if fit_args is not None:
                 samples = pooled if part == "unet" else pooled.repeat_interleave(self.levels, 0)
@@ -324,6 +327,35 @@ class Collector:
             return output
         return hook
 
+    def _pool(self, name: str, part: str, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled activations [batch prompts (text) or samples (unet), neurons] on the CPU, and the
+        rows of the sample table they belong to."""
+        if part == "text":
+            pooled = self._pool_text(output)
+            rows = torch.tensor([p * self.levels for p in self._batch_prompts_from_rows()])
+        else:
+            pooled = (output.float().mean(dim=(2, 3)) if output.ndim == 4
+                      else output.float().mean(1) if output.ndim == 3 else output.float()).cpu()
+            rows = self._batch_rows
+            if pooled.shape[0] != rows.shape[0]:
+                raise ActError(f"layer {name} saw {pooled.shape[0]} samples where {rows.shape[0]} were sent; "
+                               "ComfyUI split the batch (low memory?): lower batch_size on Collect Activations")
+        if not torch.isfinite(pooled).all():
+            raise ActError(f"layer {name} produced NaN or infinite activations; the model may be broken, "
+                           "or run in a precision too low for it (try --force-fp32)")
+        return pooled, rows
+
+    def _record(self, samples: dict, name: str, part: str, pooled: torch.Tensor, rows: torch.Tensor,
+                total: int) -> None:
+        store = samples.get(name)
+        if store is None:
+            store = samples[name] = torch.full((total, pooled.shape[1]), math.nan)
+        if part == "text":
+            for lv in range(self.levels):
+                store[rows + lv] = pooled
+        else:
+            store[rows] = pooled
+
     def _batch_prompts_from_rows(self) -> list[int]:
         return (self._batch_rows[::self.levels] // self.levels).tolist()
 
@@ -336,7 +368,8 @@ class Collector:
     def collect(self, progress=None) -> Activations:
         """One pass over all prompts, no maps applied: the activations "at once" fitting uses."""
         everything = set(self.text_layers) | set(self.unet_layers)
-        result = self._sweep(self.batches(), everything, {}, None, None, progress)
+        self.call_tree = CallTree(self._watched_modules())
+        result = self._sweep(self.batches(), everything, {}, None, None, progress, self.call_tree)
         order = [n for n in result["order"] if n not in result["repeated"]]
         missing = everything - set(result["order"])
         if missing:
@@ -348,6 +381,18 @@ class Collector:
         source, target = self._split({n: result["samples"][n] for n in order})
         return Activations(source, target, {n: result["kinds"][n] for n in order}, self.family,
                            self._info(), self)
+
+    def _watched_modules(self) -> dict[str, torch.nn.Module]:
+        """The chosen layers and every module above them: the calls the exact schedule replays."""
+        modules = {"diffusion_model": self.model.model.diffusion_model} | unet_modules(self.model) | clip_modules(self.clip)
+        watched = {}
+        for name in list(self.text_layers) + list(self.unet_layers):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:i])
+                if prefix in modules:
+                    watched[prefix] = modules[prefix]
+        return watched
 
     def _info(self) -> dict:
         source, target = self.prompts[:self.n_source], self.prompts[self.n_source:]
@@ -361,8 +406,9 @@ class Collector:
                     progress_factory=None) -> dict[str, LayerMap]:
         """Maps fitted in model order, each from activations with all earlier maps applied.
 
-        blocks: "auto" (one pass with fitting in the hooks when everything fits one batch, else block
-        by block), "blocks" (block by block), "layers" (one sweep per layer, the reference's schedule).
+        blocks: "auto" (one pass with fitting in the hooks when everything fits one batch, else the
+        replay of units from their recorded inputs; both exact), "layers" (one sweep per layer, the
+        reference's schedule, kept as the yardstick and as the fallback).
         """
         order = activations.order
         batches = self.batches()
@@ -370,21 +416,442 @@ class Collector:
             progress = progress_factory(1) if progress_factory else None
             result = self._sweep(batches, set(), {}, (method, support), order[-1], progress)
             return {n: result["maps"][n] for n in order}
-        key_of = (lambda n: n) if blocks == "layers" else block_of
-        groups: list[list[str]] = []
-        for name in order:
-            if groups and key_of(groups[-1][-1]) == key_of(name):
-                groups[-1].append(name)
-            else:
-                groups.append([name])
-        progress = progress_factory(len(groups) * len(batches)) if progress_factory else None
+        if blocks == "auto":
+            try:
+                progress = progress_factory(len(order)) if progress_factory else None
+                return _Replay(self, activations, method, support, progress).run()
+            except _Unreplayable as why:
+                log.warning("ComfyUI-ACT: %s; fitting layer by layer instead (exact, one pass per layer)", why)
+        elif blocks != "layers":
+            raise ActError(f"blocks must be 'auto' or 'layers', got {blocks!r}")
+        progress = progress_factory(len(order) * len(batches)) if progress_factory else None
         maps: dict[str, LayerMap] = {}
-        for group in groups:
-            result = self._sweep(batches, set(group), dict(maps), None, group[-1], progress)
+        for name in order:
+            result = self._sweep(batches, {name}, dict(maps), None, name, progress)
             source, target = self._split(result["samples"])
-            for name in group:
-                maps[name] = fit_layer(source[name], target[name], method, support, kind=activations.kinds[name])
+            maps[name] = fit_layer(source[name], target[name], method, support, kind=activations.kinds[name])
         return maps
+
+
+class CallTree:
+    """Who called whom during one pass (the first batch of the collection), for the modules on the
+    path to a chosen layer: the structure that the exact schedule replays."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.modules = modules
+        self.calls: Counter = Counter()
+        self.children: dict[str | None, list[str]] = {}
+
+    @contextlib.contextmanager
+    def recording(self):
+        stack: list[str] = []
+
+        def before(name):
+            def hook(_module, _args):
+                self.calls[name] += 1
+                if self.calls[name] == 1:
+                    self.children.setdefault(stack[-1] if stack else None, []).append(name)
+                stack.append(name)
+            return hook
+
+        def after(name):
+            def hook(_module, _args, _output):
+                if stack and stack[-1] == name:
+                    stack.pop()
+            return hook
+
+        handles = []
+        try:
+            for name, module in self.modules.items():
+                handles.append(module.register_forward_pre_hook(before(name)))
+                handles.append(module.register_forward_hook(after(name)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class _Unreplayable(Exception):
+    """The model's calls cannot be replayed unit by unit; the layer-by-layer schedule is used."""
+
+
+@dataclass
+class _Unit:
+    """A module call on the path to chosen layers (or the root: the text encoding, the diffusion-model
+    call through the sampler), with the unit calls it makes, in the order it makes them."""
+    name: str
+    module: torch.nn.Module | None
+    part: str
+    layer: bool
+    children: list["_Unit"]
+
+
+class _Stored:
+    """A recorded tensor between replays, with the device it goes back to. It stays on the
+    accelerator while `device_room` bytes allow (copies over the bus cost more than the model's
+    own work there), else it moves to the CPU. The class counts the bytes held on the CPU
+    (bench/estimation reports the peak)."""
+    __slots__ = ("data", "device", "bytes", "on_device")
+    device_room = 0
+    held_bytes = 0
+    peak_bytes = 0
+
+    def __init__(self, data: torch.Tensor, device: torch.device):
+        self.data, self.device = data, device
+        self.bytes = 0 if data.device.type == "meta" else data.numel() * data.element_size()
+        self.on_device = data.device.type not in ("cpu", "meta")
+        if self.on_device:
+            _Stored.device_room -= self.bytes
+        else:
+            _Stored.held_bytes += self.bytes
+            _Stored.peak_bytes = max(_Stored.peak_bytes, _Stored.held_bytes)
+
+    def __del__(self):
+        if self.on_device:
+            _Stored.device_room += self.bytes
+        else:
+            _Stored.held_bytes -= self.bytes
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "_Stored":
+        size = tensor.numel() * tensor.element_size()
+        if tensor.device.type != "cpu" and size <= cls.device_room:
+            return cls(tensor.detach().clone(), tensor.device)
+        return cls(tensor.detach().to("cpu", copy=True), tensor.device)
+
+    def load(self) -> torch.Tensor:
+        return self.data.to(self.device, copy=True)  # a copy: the model may change its inputs in place
+
+    def hollow(self) -> "_Stored":
+        return _Stored(torch.empty(self.data.shape, dtype=self.data.dtype, device="meta"), self.device)
+
+    def blank(self) -> torch.Tensor:
+        """Stands in for an output nothing reads any more; NaN, so that a wrong guess shows."""
+        fill = math.nan if self.data.is_floating_point() else 0
+        return torch.full(self.data.shape, fill, dtype=self.data.dtype, device=self.device)
+
+
+def _map(fn, value, kind):
+    """`value` with fn applied to each `kind` inside lists, tuples and dicts (rebuilt, so that the
+    model may change what it is handed), everything else as it is. Lighter than torch's pytree for
+    the option dicts that come with every UNet call."""
+    if isinstance(value, kind):
+        return fn(value)
+    if type(value) is dict:
+        return {k: _map(fn, v, kind) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_map(fn, v, kind) for v in value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_map(fn, v, kind) for v in value))
+    return value
+
+
+def _leaves(value, kind) -> list:
+    found = []
+    _map(found.append, value, kind)
+    return found
+
+
+def _store(tree):
+    return _map(_Stored.of, tree, torch.Tensor)
+
+
+def _load(tree, blank: bool = False):
+    return _map(_Stored.blank if blank else _Stored.load, tree, _Stored)
+
+
+def _hollow(tree):
+    return _map(_Stored.hollow, tree, _Stored)
+
+
+def _has_nan(tree) -> bool:
+    tensors = [x.data if isinstance(x, _Stored) else x for x in _leaves(tree, (torch.Tensor, _Stored))]
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta"
+               and bool(torch.isnan(t).any()) for t in tensors)
+
+
+def _live_tensors(until) -> list[torch.Tensor]:
+    """Tensors held by the local variables of the calling frames, up to the frame running `until`
+    (a code object): what the code being replayed can still read."""
+    found: list[torch.Tensor] = []
+
+    def collect(value, depth):
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif depth and isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item, depth - 1)
+        elif depth and isinstance(value, dict):
+            for item in value.values():
+                collect(item, depth - 1)
+
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not until:
+        for value in frame.f_locals.values():
+            collect(value, 3)
+        frame = frame.f_back
+    return found
+
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def _answered(answers: dict[torch.nn.Module, object], stop: torch.nn.Module | None, on_stop):
+    """For a with-block: the modules in `answers` return a recorded output instead of computing
+    (an instance `forward` attribute, as ComfyUI's object patches), and `stop` hands its inputs to
+    on_stop before it runs. Everything is put back as it was, an exception included."""
+    saved, handle = [], None
+    try:
+        for module, forward in answers.items():
+            saved.append((module, module.__dict__.get("forward", _ABSENT)))
+            module.forward = forward
+        if stop is not None:
+            handle = stop.register_forward_pre_hook(on_stop, with_kwargs=True, prepend=True)
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for module, before in reversed(saved):
+            if before is _ABSENT:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = before
+
+
+class _Replay:
+    """Exact incremental estimation for any batch size, with memory bounded by the batch.
+
+    The model runs as a tree of units: module calls on the path to the chosen layers (CLIP's text
+    encoders, their transformer layers, the norms; the UNet, its ResBlocks, SpatialTransformers,
+    transformer blocks, norms), as recorded during the collection. A unit is processed with its
+    inputs recorded for every batch (see _Stored), computed with the final maps of everything before:
+      for each child unit in call order: replay this unit per batch, the children already done
+      answering with their recorded outputs, and stop at the child's call to record its inputs;
+      process the child (recursively); then run the unit once more per batch to get its output.
+    A chosen layer's map is fitted from its output over all batches and applied to that output
+    before anything later sees it, as in the reference's pass per layer; so the maps are the
+    reference's. Every piece of the model runs about once per batch for its own output, plus the
+    cheap code between unit calls once per child (skip connections, residual sums). Recorded
+    outputs that the replayed code no longer holds when the next child is called are dropped and
+    later answered with NaN stand-ins, so that only live state (e.g. the UNet's skip connections)
+    is kept; a NaN reaching a recorded input means the guess was wrong, and the layer-by-layer
+    schedule takes over.
+    """
+
+    def __init__(self, collector: "Collector", activations: Activations, method: str, support: str, progress):
+        import comfy.patcher_extension
+        c = collector
+        if c.call_tree is None:
+            raise _Unreplayable("no module calls were recorded during the collection")
+        patched = [k for k in {**c.model.object_patches, **c.clip.patcher.object_patches} if k.endswith("forward")]
+        wrapped = comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                           c.model.model_options, is_model_options=True)
+        if patched or wrapped:
+            raise _Unreplayable(f"the model's calls are patched ({(patched or ['a diffusion-model wrapper'])[0]})")
+        self.c, self.kinds, self.fit_args, self.progress = c, activations.kinds, (method, support), progress
+        self.order = activations.order
+        self.batches = c.batches()
+        self.total = len(c.prompts) * c.levels
+        self.maps: dict[str, LayerMap] = {}
+        self.conds: list = []
+        self.failed_probes: set = set()
+        self.selections: dict[int, tuple] = {}
+        self.roots = {}
+        for part in ("text", "unet"):
+            layers = [n for n in self.order if is_unet_layer(n) == (part == "unet")]
+            if layers:
+                self.roots[part] = self._tree(part, layers)
+
+    def _tree(self, part: str, layers: list[str]) -> _Unit:
+        tree, wanted = self.c.call_tree, set(layers)
+
+        def build(name: str) -> _Unit | None:
+            kids = [u for u in (build(k) for k in tree.children.get(name, [])) if u is not None]
+            if not kids and name not in wanted:
+                return None
+            if tree.calls[name] != 1:
+                raise _Unreplayable(f"{name} runs {tree.calls[name]} times per call")
+            return _Unit(name, tree.modules[name], part, name in wanted, kids)
+
+        in_part = [n for n in tree.children.get(None, []) if is_unet_layer(n + ".") == (part == "unet")]
+        tops = [u for u in map(build, in_part) if u is not None]
+        root = _Unit(part, None, part, False, tops)
+        fitted: list[str] = []
+
+        def walk(unit: _Unit) -> None:
+            for kid in unit.children:
+                walk(kid)
+            if unit.layer:
+                fitted.append(unit.name)
+        walk(root)
+        if fitted != layers:
+            raise _Unreplayable("the layers do not run in the order of their module calls")
+        return root
+
+    def run(self) -> dict[str, LayerMap]:
+        import comfy.model_management
+        device = self.c.model.load_device
+        # Half of what is free beside the loaded model and one batch's work (the collection ran
+        # just before): recorded activations use it first, the rest goes to the CPU.
+        room = comfy.model_management.get_free_memory(device) // 2 if device.type == "cuda" else 0
+        _Stored.device_room += room
+        try:
+            return self._run_all()
+        finally:
+            _Stored.device_room -= room
+
+    def _run_all(self) -> dict[str, LayerMap]:
+        c = self.c
+        none = [None] * len(self.batches)
+        if "text" in self.roots:
+            self.conds = self._fit(self.roots["text"], none, need_output="unet" in self.roots)
+        if "unet" in self.roots:
+            if not self.conds:
+                self.conds = [_store(c._encode(batch, [])) for batch in self.batches]
+            self._fit(self.roots["unet"], none, need_output=False)
+        return {n: self.maps[n] for n in self.order}
+
+    def _select(self, b: int) -> None:
+        """Make batch b the one that pooling refers to."""
+        if b not in self.selections:
+            batch = self.batches[b]
+            self.selections[b] = (self.c._rows(batch), self.c._chunk_owners(batch), len(batch))
+        self.c._batch_rows, self.c._chunk_owner, self.c._chunk_prompts = self.selections[b]
+
+    def _call(self, unit: _Unit, b: int, inputs: list):
+        if unit.module is not None:
+            args, kwargs = _load(inputs[b])
+            return unit.module(*args, **kwargs)
+        self.c.passes += 1
+        if unit.part == "text":
+            return self.c._encode(self.batches[b], [])
+        conds, pooled = _load(self.conds[b])
+        self.c._unet_call(conds, pooled, [])
+        return None
+
+    def _run(self, unit: _Unit, b: int, inputs: list, outputs: dict, blanks: set, upto: int,
+             probe: bool = False) -> dict:
+        """Replay `unit` on batch b, its first `upto` children answering from `outputs` (NaN for
+        those in `blanks`); stop at child `upto` (recording its inputs and which answers are still
+        held), or run to the end. With probe, found["nan"] tells whether a blank reached anything
+        that later code can read: the recorded inputs, the output, or any tensor the replayed
+        frames still hold."""
+        import comfy.model_management
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self._select(b)
+        kids = unit.children
+        held: dict[str, list] = {}
+        found: dict = {}
+
+        def answer(kid: _Unit):
+            def forward(*_args, **_kwargs):
+                value = _load(outputs[kid.name][b], blank=kid.name in blanks)
+                held[kid.name] = [weakref.ref(t) for t in _leaves(value, torch.Tensor)]
+                return value
+            return forward
+
+        def stop(_module, args, kwargs):
+            found["held"] = {n for n, refs in held.items() if any(r() is not None for r in refs)}
+            found["input"] = _store((args, kwargs))
+            if probe:
+                found["nan"] = _has_nan((args, kwargs)) or _has_nan(_live_tensors(_Replay._call.__code__))
+            raise _PassComplete()
+
+        with _answered({k.module: answer(k) for k in kids[:upto]}, kids[upto].module if upto < len(kids) else None,
+                       stop):
+            try:
+                found["output"] = self._call(unit, b, inputs)
+            except _PassComplete:
+                pass
+        if upto < len(kids) and "input" not in found:
+            raise _Unreplayable(f"{kids[upto].name} did not run when {unit.name} was replayed")
+        if probe and "output" in found:
+            found["nan"] = _has_nan(found["output"])
+        return found
+
+    def _fit(self, unit: _Unit, inputs: list, need_output: bool) -> list | None:
+        """Fit every layer inside `unit` (inputs recorded per batch); returns its recorded outputs
+        per batch (maps applied) when need_output."""
+        kids = unit.children
+        outputs: dict[str, list] = {}
+        state = {"dropped": set(), "kept": set(), "held": None}
+        for j, kid in enumerate(kids):
+            captured = [found["input"] for found in self._runs(unit, inputs, outputs, state, j)]
+            needed = j + 1 < len(kids) or need_output or unit.layer
+            if unit.module is None and unit.part == "unet":
+                outputs[kid.name] = self._inside_sampling(lambda: self._fit(kid, captured, needed))
+            else:
+                outputs[kid.name] = self._fit(kid, captured, needed)
+            del captured
+        if not (need_output or unit.layer):
+            return None
+        results, table = [], {}
+        for found in self._runs(unit, inputs, outputs, state, len(kids)):
+            output = found.pop("output")
+            if unit.layer:
+                if not isinstance(output, torch.Tensor):
+                    raise ActError(f"layer {unit.name} does not output a tensor; leave it out with the 'pattern' input")
+                pooled, rows = self.c._pool(unit.name, unit.part, output)
+                self.c._record(table, unit.name, unit.part, pooled, rows, self.total)
+            results.append(_store(output))
+            del output
+        if not unit.layer:
+            return results
+        source, target = self.c._split(table)
+        layer_map = fit_layer(source[unit.name], target[unit.name], *self.fit_args, kind=self.kinds[unit.name])
+        self.maps[unit.name] = layer_map
+        if self.progress is not None:
+            self.progress.update(1)
+        if not need_output:
+            return None
+        return [_store(layer_map.apply(_load(r), 1.0)) for r in results]
+
+    def _runs(self, unit: _Unit, inputs: list, outputs: dict, state: dict, upto: int):
+        """The replays of `unit` over all batches up to child `upto` (or to the end), yielding what
+        each found. Recorded outputs of earlier children that the replayed code no longer held at
+        the previous child's call are tried as NaN blanks on the first batch; when no NaN reaches
+        anything readable, their records are dropped (only live state, e.g. skip connections, is
+        kept); otherwise they are kept for good."""
+        kids = unit.children
+        held = state["held"]
+        # Only children answered in the previous run can be known to be let go (the previous child was
+        # that run's stop, and its output is the next one's input more often than not).
+        answered = {k.name for k in kids[:max(0, upto - 1)]}
+        trial = set() if held is None else answered - held - state["dropped"] - state["kept"]
+        # A failed probe costs a second run of the first batch; units of one class fail alike
+        # (a residual sum that reads the answer), so a failure is remembered for the class.
+        known = (type(unit.module) if unit.module is not None else unit.name, upto,
+                 tuple(i for i, k in enumerate(kids) if k.name in trial))
+        if trial and known in self.failed_probes:
+            state["kept"] |= trial
+            trial = set()
+        for b in range(len(self.batches)):
+            if b == 0 and trial:
+                found = self._run(unit, b, inputs, outputs, state["dropped"] | trial, upto, probe=True)
+                if found["nan"]:
+                    self.failed_probes.add(known)
+                    state["kept"] |= trial
+                    found = self._run(unit, b, inputs, outputs, state["dropped"], upto)
+                else:
+                    state["dropped"] |= trial
+                    for name in trial:
+                        outputs[name] = [_hollow(o) for o in outputs[name]]
+            else:
+                found = self._run(unit, b, inputs, outputs, state["dropped"], upto)
+            if b == 0 and "held" in found:
+                state["held"] = found["held"]
+            yield found
+
+    def _inside_sampling(self, work):
+        """Run `work` inside one diffusion-model call of ComfyUI's sampler, so that the model is
+        loaded and patched as for sampling while its units are replayed."""
+        done = {}
+        self._select(0)
+        conds, pooled = _load(self.conds[0])
+        self.c._unet_call(conds, pooled, [], inside=lambda: done.setdefault("value", work()))
+        self.c.passes += 1
+        return done["value"]
 
 
 def fit_at_once(activations: Activations, method: str, support: str) -> dict[str, LayerMap]:

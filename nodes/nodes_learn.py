@@ -66,8 +66,11 @@ class CollectActivations(io.ComfyNode):
                              tooltip="1 = the first, noisiest step, as the paper. More spreads the samples "
                                      "over the schedule (each prompt is run once per level)."),
                 io.Int.Input("batch_size", default=16, min=1, max=4096,
-                             tooltip="Samples per model call. When all prompts x noise levels fit in one "
-                                     "batch, incremental fitting costs a single extra pass."),
+                             tooltip="Samples per model call: sets the GPU memory peak (the number of "
+                                     "prompts does not). Incremental fitting gives the same maps at any size: "
+                                     "one extra pass when all prompts x noise levels fit in one batch, about "
+                                     "1.6 otherwise, with the replayed activations kept in spare GPU memory "
+                                     "or system RAM."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False),
             ],
             outputs=[Activations.Output(display_name="activations"), io.String.Output(display_name="summary")],

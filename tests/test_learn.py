@@ -82,15 +82,6 @@ def test_incremental_differs_from_at_once_after_the_first_layer(pack, sd15):
     assert any(not torch.allclose(at_once[n].shift, incremental[n].shift) for n in activations.order[1:])
 
 
-def test_small_batches_use_the_block_schedule_with_several_noise_levels(pack, sd15):
-    model, clip, _ = sd15
-    activations = collect(pack, model, clip, where="diffusion model", batch_size=6, noise_levels=2)[0]
-    assert activations.source[activations.order[0]].shape[0] == 20  # 10 prompts x 2 noise levels
-    maps = fit(pack, activations)
-    assert list(maps) == activations.order
-    assert activations.collector.passes < len(activations.order) * 4  # block sweeps, not one per layer
-
-
 @pytest.mark.parametrize("source, side", [("a\nb\nc", "source_prompts"), ("\n\n  \n", "source_prompts")])
 def test_too_few_prompts_name_the_input(pack, sd15, source, side):
     model, clip, _ = sd15
