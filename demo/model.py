@@ -122,6 +122,7 @@ def load(path: str | os.PathLike = WEIGHTS):
         if missing or unexpected:
             raise ValueError(f"{path} does not fit the shapes model ({prefix}): missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
+        module.requires_grad_(False)
     return model, clip, vae
 
 

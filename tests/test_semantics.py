@@ -1,0 +1,100 @@
+"""The trained shapes model (demo/): it follows prompts, its scorer reads pictures, steering works.
+
+Pictures come from ComfyUI's real CLIPTextEncode -> KSampler -> VAEDecode; maps from this pack's
+Collect Activations, Fit Transport Maps and Apply Transport Maps nodes. 32 held-out prompts per point.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from demo import model as M, shapes, train  # noqa: E402
+from demo.api import Lab  # noqa: E402
+from demo.tasks import TASKS  # noqa: E402
+
+N = 32
+
+
+@pytest.fixture(scope="module")
+def lab(pack):
+    return Lab()
+
+
+@pytest.fixture(scope="module")
+def style_untouched(lab):
+    """The 32 held-out style prompts (no background named) on the untouched model, scored."""
+    task = TASKS["style"]
+    scenes = task.eval_scenes(N)
+    return scenes, lab.score(lab.generate(task.prompts(scenes)))
+
+
+def test_scorer_reads_data_set_images():
+    rng = np.random.default_rng(99)
+    scenes = [shapes.random_scene(rng) for _ in range(300)]
+    found = [shapes.score(shapes.render(s)[0]) for s in scenes]
+    assert np.mean([f["background"] == s["background"] for f, s in zip(found, scenes)]) >= 0.98
+    assert np.mean([shapes.content_matches(f, s, sizes=True) for f, s in zip(found, scenes)]) >= 0.98
+
+
+def test_scorer_sees_a_wrong_picture_as_wrong():
+    rng = np.random.default_rng(5)
+    scene = shapes.random_scene(rng, count=2, bg="plain")
+    other = dict(scene, objects=[dict(o, colour="red" if o["colour"] != "red" else "blue") for o in scene["objects"]],
+                 background="striped")
+    found = shapes.score(shapes.render(other)[0])
+    assert not shapes.content_matches(found, scene) and found["background"] == "striped"
+
+
+def test_training_script_is_deterministic():
+    def digest(seed):
+        m, c, v = train.train(steps=2, decoder_steps=2, seed=seed, batch_size=4, log=lambda s: None)
+        return train.weights_digest(m, c, v)
+    first = digest(0)
+    assert digest(0) == first
+    assert digest(1) != first
+
+
+def test_committed_weights_are_small_and_load_in_comfyui_classes():
+    assert M.WEIGHTS.stat().st_size <= 25 * 2**20
+    model, clip, vae = M.load()
+    assert type(model.model.model_config).__name__ == "SD15"
+
+
+def test_model_follows_held_out_prompts(style_untouched):
+    scenes, found = style_untouched
+    assert np.mean([f["count"] == len(s["objects"]) for f, s in zip(found, scenes)]) >= 0.8
+    colours = np.mean([sorted(o["colour"] for o in f["objects"]) == sorted(o["colour"] for o in s["objects"])
+                       for f, s in zip(found, scenes)])
+    shapes_ok = np.mean([sorted(o["shape"] for o in f["objects"]) == sorted(o["shape"] for o in s["objects"])
+                         for f, s in zip(found, scenes)])
+    assert colours >= 0.8 and shapes_ok >= 0.8
+    assert np.mean([f["background"] == "plain" for f in found]) >= 0.8
+
+
+@pytest.mark.parametrize("mode", ["exact"])
+def test_style_appears_at_strength_1_and_content_stays(lab, style_untouched, mode):
+    task = TASKS["style"]
+    scenes, found0 = style_untouched
+    presence0, _ = task.measure(found0, scenes)
+    maps = lab.fit(*task.fit_prompts(64))
+    model, clip = lab.steer(maps, 1.0, mode=mode)
+    presence1, kept1 = task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip)), scenes)
+    assert presence0 <= 0.2
+    assert presence1 >= 0.8, f"striped in {presence1:.0%} of pictures at strength 1"
+    assert kept1 >= 0.8, f"content kept in {kept1:.0%} of pictures at strength 1"
+
+
+def test_removal_takes_the_colour_away_and_keeps_the_shapes(lab):
+    task = TASKS["remove_red"]
+    scenes = task.eval_scenes(N)
+    presence0, _ = task.measure(lab.score(lab.generate(task.prompts(scenes))), scenes)
+    maps = lab.fit(*task.fit_prompts(64))
+    model, clip = lab.steer(maps, 1.0)
+    presence1, kept1 = task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip)), scenes)
+    assert presence0 >= 0.8, f"red in only {presence0:.0%} of pictures that ask for it"
+    assert presence1 <= 0.2, f"red still in {presence1:.0%} of pictures at strength 1"
+    assert kept1 >= 0.8, f"shapes kept in {kept1:.0%} of pictures at strength 1"
