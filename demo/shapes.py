@@ -178,15 +178,15 @@ def _classify_shape(comp: np.ndarray) -> tuple[str, str, float]:
     """Best (shape, size, IoU) of a component against the rendered templates, aligned by centroid."""
     ys, xs = np.nonzero(comp)
     cy, cx = int(round(ys.mean())), int(round(xs.mean()))
-    pad = np.zeros((SIZE + 24, SIZE + 24), bool)
-    pad[12:12 + SIZE, 12:12 + SIZE] = comp
+    pad = np.zeros((SIZE + 28, SIZE + 28), bool)  # room for a 24 px window shifted by 2 at the edges
+    pad[14:14 + SIZE, 14:14 + SIZE] = comp
     best = ("circle", "small", -1.0)
     for (shape, size), variants in _templates().items():
         for t in variants:
             # The triangle's centroid sits below its box centre: try a few vertical shifts.
             for sy in (-2, -1, 0, 1, 2):
                 for sx in (-1, 0, 1):
-                    win = pad[cy + sy: cy + sy + 24, cx + sx: cx + sx + 24]
+                    win = pad[cy + sy + 2: cy + sy + 26, cx + sx + 2: cx + sx + 26]
                     inter = np.logical_and(win, t).sum()
                     iou = inter / max(1, win.sum() + t.sum() - inter)
                     if iou > best[2]:

@@ -69,9 +69,16 @@ class Task:
         return [self.target(s, i) for i, s in enumerate(scenes)]
 
     def measure(self, found: list[dict], scenes: list[dict]) -> tuple[float, float]:
+        """(presence, kept): kept against what the prompt asks for."""
         presence = float(np.mean([self.present(f, s) for f, s in zip(found, scenes)]))
         kept = float(np.mean([self.kept(f, s) for f, s in zip(found, scenes)]))
         return presence, kept
+
+    def kept_from(self, found: list[dict], untouched: list[dict]) -> float:
+        """Share of pictures that keep what the untouched model drew with the same seed (its objects;
+        for a removal, its shapes): what steering changed besides the task, whatever the model's own
+        accuracy."""
+        return float(np.mean([self.kept(f, u) for f, u in zip(found, untouched)]))
 
 
 def _plain(scene: dict) -> str:
@@ -113,3 +120,15 @@ TASKS = {
         present=lambda f, s: f["background"] == "dotted",
         kept=lambda f, s: shapes.content_matches(f, s)),
 }
+
+
+def follow_rates(found: list[dict], scenes: list[dict]) -> dict[str, float]:
+    """How often each attribute of the prompt is in the picture (held-out prompts, all backgrounds)."""
+    def same(key):
+        return float(np.mean([sorted(o[key] for o in f["objects"]) == sorted(o[key] for o in s["objects"])
+                              for f, s in zip(found, scenes)]))
+    return {"count": float(np.mean([f["count"] == len(s["objects"]) for f, s in zip(found, scenes)])),
+            "colours": same("colour"), "shapes": same("shape"), "sizes": same("size"),
+            "background": float(np.mean([f["background"] == s["background"] for f, s in zip(found, scenes)])),
+            "all": float(np.mean([shapes.content_matches(f, s, sizes=True) and f["background"] == s["background"]
+                                  for f, s in zip(found, scenes)]))}

@@ -133,14 +133,26 @@ def weights_digest(model, clip, vae) -> str:
 
 
 def train(steps: int, decoder_steps: int, seed: int = 0, batch_size: int = 64, threads: int = 1,
-          log=print):
-    """Train from scratch; returns (MODEL, CLIP, VAE)."""
+          log=print, resume: str | None = None, stage: int = 0):
+    """Train from scratch (or go on from `resume`, a file this script wrote); returns (MODEL, CLIP, VAE).
+
+    stage numbers the runs of a chain: each stage draws its own scenes and noise."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, clip, vae = M.build(seed, text_dtype=torch.float32)
-    train_vae(vae, decoder_steps, seed + 10, log=log)
-    train_diffusion(model, clip, steps, seed + 20, batch_size=batch_size, log=log)
+    if resume:
+        from safetensors.torch import load_file
+        sd = load_file(resume)
+        for prefix, module in M.parts(model, clip, vae).items():
+            module.load_state_dict({k[len(prefix) + 1:]: v.float() for k, v in sd.items()
+                                    if k.startswith(prefix + ".")}, strict=False)
+    train_vae(vae, decoder_steps, seed + 10 + 100 * stage, log=log)
+    train_diffusion(model, clip, steps, seed + 20 + 100 * stage, batch_size=batch_size, log=log)
     return model, clip, vae
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def main() -> None:
@@ -151,12 +163,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine; the weights depend on it")
     ap.add_argument("--out", default=str(M.WEIGHTS))
+    ap.add_argument("--resume", help="go on training from this file (written by this script)")
+    ap.add_argument("--stage", type=int, default=0, help="number of this run in a chain of --resume runs")
     args = ap.parse_args()
     t0 = time.time()
     model, clip, vae = train(args.steps, args.decoder_steps, args.seed, args.batch, args.threads,
-                             log=lambda s: print(s, flush=True))
+                             log=lambda s: print(s, flush=True), resume=args.resume, stage=args.stage)
     meta = {"made_by": "demo/train.py", "steps": str(args.steps), "decoder_steps": str(args.decoder_steps),
-            "batch": str(args.batch), "seed": str(args.seed),
+            "batch": str(args.batch), "seed": str(args.seed), "stage": str(args.stage),
+            "resumed_from_sha256": _file_digest(args.resume) if args.resume else "",
             "config": json.dumps({"unet": M.UNET, "text": M.TEXT, "vae": M.VAE})}
     M.save(args.out, model, clip, vae, meta)
     print(f"wrote {args.out} in {time.time() - t0:.0f}s; weights sha256 {weights_digest(model, clip, vae)}")
