@@ -1,0 +1,134 @@
+"""Generate with the shapes model through ComfyUI's real nodes, steer it with this pack's nodes, score it.
+
+    from demo.api import Lab
+    lab = Lab()                                            # loads demo/shapes-sd1-tiny.safetensors
+    scenes = lab.held_out(32)                              # prompts the model never saw in training
+    maps = lab.fit(source=[...], target=[...])             # Collect Activations -> Fit Transport Maps
+    model, clip = lab.steer(maps, strength=1.0)            # Apply Transport Maps
+    images = lab.generate([s["caption"] for s in scenes], model=model, clip=clip)
+    found = lab.score(images)                              # per image: background, count, objects
+    lab.rate(found, lambda f: f["background"] == "striped")  # share of images where it holds
+
+Every picture goes CLIPTextEncode -> EmptyLatentImage (64 px) -> KSampler -> VAEDecode, the same nodes
+a ComfyUI graph runs; maps come from the pack's Collect Activations, Fit Transport Maps and Apply
+Transport Maps nodes, called in-process. Needs ComfyUI importable (COMFYUI_PATH).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import model as M
+from . import shapes
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+PACKAGE = "comfyui_act"
+
+
+def load_pack():
+    """This pack imported the way ComfyUI imports it (a package from its folder)."""
+    if PACKAGE in sys.modules:
+        return sys.modules[PACKAGE]
+    spec = importlib.util.spec_from_file_location(PACKAGE, PACK_DIR / "__init__.py",
+                                                  submodule_search_locations=[str(PACK_DIR)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    module.nodes.nodes_files.register_folder()
+    return module
+
+
+class Lab:
+    """The shapes model, its scorer and the pack's nodes, ready for a few-line evaluation."""
+
+    def __init__(self, weights: str | Path = M.WEIGHTS, steps: int = 12, cfg: float = 4.0,
+                 sampler: str = "euler", scheduler: str = "normal"):
+        M.import_comfy()
+        import comfy.utils
+        import nodes as comfy_nodes  # ComfyUI's nodes.py
+        comfy.utils.PROGRESS_BAR_ENABLED = False  # hundreds of samplings: no console bars
+        self.nodes = comfy_nodes
+        self.model, self.clip, self.vae = M.load(weights)
+        self.pack = load_pack()
+        self.steps, self.cfg, self.sampler, self.scheduler = steps, cfg, sampler, scheduler
+
+    # -- prompts -------------------------------------------------------------------------------------
+    @staticmethod
+    def held_out(n: int, seed: int = 1234, **kw) -> list[dict]:
+        """n scenes whose captions were never trained on (see shapes.held_out_scenes for filters)."""
+        return shapes.held_out_scenes(n, seed=seed, **kw)
+
+    # -- generation ----------------------------------------------------------------------------------
+    def encode(self, text: str, clip=None):
+        return self.nodes.CLIPTextEncode().encode(clip or self.clip, text)[0]
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], seed: int = 0, model=None, clip=None, negative: str = "",
+                 conditioning: Callable | None = None, steps: int | None = None,
+                 cfg: float | None = None) -> np.ndarray:
+        """(N, 64, 64, 3) images, one per prompt; image i uses seed + i.
+
+        model/clip: steered copies (from `steer`) or None for the model as trained.
+        negative: the negative prompt. conditioning: optional function applied to each positive
+        CONDITIONING before sampling (e.g. to add a conditioning delta).
+        """
+        model, clip = model or self.model, clip or self.clip
+        neg = self.encode(negative, clip)
+        (latent,) = self.nodes.EmptyLatentImage().generate(M.PIXELS, M.PIXELS, 1)
+        out = []
+        for i, prompt in enumerate(prompts):
+            pos = self.encode(prompt, clip)
+            if conditioning is not None:
+                pos = conditioning(pos)
+            (samples,) = self.nodes.KSampler().sample(model, seed + i, steps or self.steps, cfg or self.cfg,
+                                                      self.sampler, self.scheduler, pos, neg, latent)
+            (image,) = self.nodes.VAEDecode().decode(self.vae, samples)
+            out.append(image[0].float().cpu().numpy())
+        return np.stack(out)
+
+    # -- scoring -------------------------------------------------------------------------------------
+    @staticmethod
+    def score(images: np.ndarray) -> list[dict]:
+        """shapes.score of each 64 px picture (read at the scene's 32 px)."""
+        return [shapes.score(M.to_scene(im)) for im in images]
+
+    @staticmethod
+    def rate(found: list[dict], test: Callable[[dict], bool]) -> float:
+        return float(np.mean([bool(test(f)) for f in found])) if found else float("nan")
+
+    @staticmethod
+    def content_kept(found: list[dict], scenes: list[dict]) -> float:
+        """Share of pictures showing exactly the prompted objects (count, colours, shapes)."""
+        return float(np.mean([shapes.content_matches(f, s) for f, s in zip(found, scenes)]))
+
+    # -- steering with the pack's nodes --------------------------------------------------------------
+    def fit(self, source: Sequence[str], target: Sequence[str], where: str = "both",
+            method: str = "linear", support: str = "q_0_100", estimation: str = "incremental",
+            noise_levels: int = 1, batch_size: int = 64, seed: int = 0):
+        """Collect Activations -> Fit Transport Maps on the shapes model; returns the MAPS."""
+        learn = self.pack.nodes.nodes_learn
+        activations, _ = learn.CollectActivations.execute(
+            self.model, self.clip, "\n".join(source), "\n".join(target), where=where,
+            layers="normalization layers", resolution=M.PIXELS, noise_levels=noise_levels,
+            batch_size=batch_size, seed=seed).args
+        return learn.FitTransportMaps.execute(activations, method, support, estimation).args[0]
+
+    def steer(self, maps, strength: float = 1.0, mode: str = "exact", start_percent: float = 0.0,
+              end_percent: float = 1.0, branch: str = "conditional and unconditional"):
+        """Apply Transport Maps: (steered MODEL, steered CLIP)."""
+        return self.pack.nodes.nodes_apply.ApplyTransportMaps.execute(
+            self.model, maps, strength, start_percent, end_percent, branch, mode, clip=self.clip).args
+
+    def conditioning_delta(self, source: Sequence[str], target: Sequence[str], strength: float = 1.0):
+        """A baseline without maps: mean over pairs of encode(target) - encode(source), added to a prompt."""
+        delta = torch.stack([self.encode(t)[0][0] - self.encode(s)[0][0]
+                             for s, t in zip(source, target)]).mean(0)
+
+        def add(cond):
+            return [[c + strength * delta.to(c), dict(extra)] for c, extra in cond]
+        return add

@@ -1,0 +1,181 @@
+"""Train the shapes model from scratch: seeded, reproducible, CPU-sized.
+
+    COMFYUI_PATH=/path/to/ComfyUI python demo/train.py            # writes demo/shapes-sd1-tiny.safetensors
+    python demo/train.py --steps 20 --decoder-steps 10 --out /tmp/x.safetensors   # a quick run
+
+Two phases. (1) The VAE learns to draw a 64 px picture from the fixed 8 x 8 latent of a scene (its
+encoder learns the fixed latent back). (2) The UNet and the CLIP text encoder learn together, from
+scratch, to denoise scene latents given the scene's caption (one caption in ten is dropped to the empty
+prompt, so classifier-free guidance works). Same seed, same thread count -> the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from demo import model as M, shapes  # noqa: E402
+else:
+    from . import model as M, shapes
+
+
+def batch(rng: np.random.Generator, n: int):
+    """n training scenes: (captions, 64 px images in [-1, 1] (n, 3, 64, 64), latents (n, 4, 8, 8))."""
+    caps, imgs, lats = [], [], []
+    for _ in range(n):
+        scene = shapes.training_scene(rng)
+        img, mask = shapes.render(scene)
+        caps.append(scene["caption"])
+        imgs.append(M.to_pixels(img).transpose(2, 0, 1) * 2 - 1)
+        lats.append(M.encode_scene(img, mask))
+    return caps, torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(lats))
+
+
+def train_vae(vae, steps: int, seed: int, batch_size: int = 8, log=print) -> None:
+    ae = vae.first_stage_model
+    ae.train()
+    # Only the decoder learns: the latent is fixed (demo/model.py encode_scene), not encoded.
+    opt = torch.optim.AdamW(list(ae.decoder.parameters()) + list(ae.post_quant_conv.parameters()), lr=2e-3, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    for step in range(steps):
+        _, img, lat = batch(rng, batch_size)
+        out = ae.decode(lat)
+        loss = torch.nn.functional.mse_loss(out, img)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae step {step} decode {loss.item():.4f} {time.time() - t0:.0f}s")
+    ae.eval()
+
+
+def _out_of_place_clip_layer(self, x, mask=None, optimized_attention=None):
+    # ComfyUI's CLIPLayer adds in place, which autograd cannot differentiate; same sums, new tensors.
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+def train_diffusion(model, clip, steps: int, seed: int, batch_size: int = 64, lr: float = 1.5e-3,
+                    log=print) -> None:
+    unet = model.model.diffusion_model
+    text = clip.cond_stage_model.clip_l
+    params = list(unet.parameters()) + list(text.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    unet.train()
+    text.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sigmas = model.model.model_sampling.sigmas.float()  # SD1.5's discrete schedule
+    alphas = 1.0 / (1.0 + sigmas ** 2)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    token_cache: dict[str, list[int]] = {}
+
+    def tokens(c: str) -> list[int]:
+        if c not in token_cache:
+            token_cache[c] = [t for t, _ in clip.tokenize(c)["l"][0]]
+        return token_cache[c]
+
+    import comfy.clip_model
+    original_forward = comfy.clip_model.CLIPLayer.forward
+    comfy.clip_model.CLIPLayer.forward = _out_of_place_clip_layer
+    try:
+        _diffusion_loop(unet, text, params, opt, alphas, rng, gen, tokens, steps, batch_size, lr, log)
+    finally:
+        comfy.clip_model.CLIPLayer.forward = original_forward
+    unet.eval()
+    text.eval()
+    for p in params:
+        p.requires_grad_(False)
+
+
+def _diffusion_loop(unet, text, params, opt, alphas, rng, gen, tokens, steps, batch_size, lr, log):
+    t0 = time.time()
+    for step in range(steps):
+        caps, _, x0 = batch(rng, batch_size)
+        caps = ["" if rng.random() < 0.1 else c for c in caps]
+        x0 = x0 * M.LATENT_SCALE
+        t = torch.randint(0, len(alphas), (batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        context = text([tokens(c) for c in caps])[0]
+        pred = unet(xt, timesteps=t.float(), context=context)
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"diffusion loss is {loss.item()} at step {step}")
+        for g in opt.param_groups:  # short warm-up, then linear decay to a tenth
+            g["lr"] = lr * min(1.0, (step + 1) / 100) * (1 - 0.9 * step / max(1, steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1 or steps < 50:
+            log(f"diffusion step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+
+
+def weights_digest(model, clip, vae) -> str:
+    h = hashlib.sha256()
+    for prefix, module in M.parts(model, clip, vae).items():
+        for k, v in sorted(module.state_dict().items()):
+            h.update(f"{prefix}.{k}".encode())
+            h.update(v.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(steps: int, decoder_steps: int, seed: int = 0, batch_size: int = 64, threads: int = 1,
+          log=print, resume: str | None = None, stage: int = 0):
+    """Train from scratch (or go on from `resume`, a file this script wrote); returns (MODEL, CLIP, VAE).
+
+    stage numbers the runs of a chain: each stage draws its own scenes and noise."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model, clip, vae = M.build(seed, text_dtype=torch.float32)
+    if resume:
+        from safetensors.torch import load_file
+        sd = load_file(resume)
+        for prefix, module in M.parts(model, clip, vae).items():
+            module.load_state_dict({k[len(prefix) + 1:]: v.float() for k, v in sd.items()
+                                    if k.startswith(prefix + ".")}, strict=False)
+    train_vae(vae, decoder_steps, seed + 10 + 100 * stage, log=log)
+    train_diffusion(model, clip, steps, seed + 20 + 100 * stage, batch_size=batch_size, log=log)
+    return model, clip, vae
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1200, help="UNet + text encoder steps")
+    ap.add_argument("--decoder-steps", type=int, default=500, help="VAE steps")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine; the weights depend on it")
+    ap.add_argument("--out", default=str(M.WEIGHTS))
+    ap.add_argument("--resume", help="go on training from this file (written by this script)")
+    ap.add_argument("--stage", type=int, default=0, help="number of this run in a chain of --resume runs")
+    args = ap.parse_args()
+    t0 = time.time()
+    model, clip, vae = train(args.steps, args.decoder_steps, args.seed, args.batch, args.threads,
+                             log=lambda s: print(s, flush=True), resume=args.resume, stage=args.stage)
+    meta = {"made_by": "demo/train.py", "steps": str(args.steps), "decoder_steps": str(args.decoder_steps),
+            "batch": str(args.batch), "seed": str(args.seed), "stage": str(args.stage),
+            "resumed_from_sha256": _file_digest(args.resume) if args.resume else "",
+            "config": json.dumps({"unet": M.UNET, "text": M.TEXT, "vae": M.VAE})}
+    M.save(args.out, model, clip, vae, meta)
+    print(f"wrote {args.out} in {time.time() - t0:.0f}s; weights sha256 {weights_digest(model, clip, vae)}")
+
+
+if __name__ == "__main__":
+    main()

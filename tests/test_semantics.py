@@ -1,0 +1,92 @@
+"""The trained shapes model (demo/): it follows prompts, its scorer reads pictures, steering works.
+
+Pictures come from ComfyUI's real CLIPTextEncode -> KSampler -> VAEDecode; maps from this pack's
+Collect Activations, Fit Transport Maps and Apply Transport Maps nodes. 32 held-out prompts per point.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from demo import model as M, shapes, train  # noqa: E402
+from demo.api import Lab  # noqa: E402
+from demo.tasks import TASKS  # noqa: E402
+
+N = 32
+
+
+@pytest.fixture(scope="module")
+def lab(pack):
+    return Lab()
+
+
+@pytest.fixture(scope="module")
+def style_untouched(lab):
+    """The 32 held-out style prompts (no background named) on the untouched model, scored."""
+    task = TASKS["style"]
+    scenes = task.eval_scenes(N)
+    return scenes, lab.score(lab.generate(task.prompts(scenes)))
+
+
+def test_scorer_reads_data_set_images():
+    rng = np.random.default_rng(99)
+    scenes = [shapes.random_scene(rng) for _ in range(300)]
+    found = [shapes.score(shapes.render(s)[0]) for s in scenes]
+    assert np.mean([f["background"] == s["background"] for f, s in zip(found, scenes)]) >= 0.98
+    assert np.mean([shapes.content_matches(f, s, sizes=True) for f, s in zip(found, scenes)]) >= 0.98
+
+
+def test_scorer_sees_a_wrong_picture_as_wrong():
+    rng = np.random.default_rng(5)
+    scene = shapes.random_scene(rng, count=2, bg="plain")
+    other = dict(scene, objects=[dict(o, colour="red" if o["colour"] != "red" else "blue") for o in scene["objects"]],
+                 background="striped")
+    found = shapes.score(shapes.render(other)[0])
+    assert not shapes.content_matches(found, scene) and found["background"] == "striped"
+
+
+def test_training_script_is_deterministic():
+    def digest(seed):
+        m, c, v = train.train(steps=2, decoder_steps=2, seed=seed, batch_size=4, log=lambda s: None)
+        return train.weights_digest(m, c, v)
+    first = digest(0)
+    assert digest(0) == first
+    assert digest(1) != first
+
+
+def test_committed_weights_are_small_and_load_in_comfyui_classes():
+    assert M.WEIGHTS.stat().st_size <= 25 * 2**20
+    model, clip, vae = M.load()
+    assert type(model.model.model_config).__name__ == "SD15"
+
+
+# Floors below are regression guards at the level this model reaches (bench/semantics, 64 prompts:
+# background 91% (69% plain when no background is named), count 66%, colours 64%, shapes 20%; style 0% -> 73% at strength 1, 95% at 1.5);
+# the goals of the benchmark (90% and more) are reported there, not asserted here.
+
+def test_model_follows_held_out_prompts(style_untouched):
+    scenes, found = style_untouched
+    assert np.mean([f["background"] == "plain" for f in found]) >= 0.6  # measured 0.69 on 32
+    assert np.mean([f["count"] == len(s["objects"]) for f, s in zip(found, scenes)]) >= 0.4
+    colours = np.mean([sorted(o["colour"] for o in f["objects"]) == sorted(o["colour"] for o in s["objects"])
+                       for f, s in zip(found, scenes)])
+    assert colours >= 0.4
+
+
+def test_style_appears_with_strength(lab, style_untouched):
+    task = TASKS["style"]
+    scenes, found0 = style_untouched
+    presence0, _ = task.measure(found0, scenes)
+    maps = lab.fit(*task.fit_prompts(64))
+    presence = {}
+    for strength in (1.0, 1.5):
+        model, clip = lab.steer(maps, strength)
+        presence[strength] = task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip)),
+                                          scenes)[0]
+    assert presence0 <= 0.2
+    assert presence[1.0] >= 0.5, f"striped in {presence[1.0]:.0%} of pictures at strength 1"
+    assert presence[1.5] >= 0.8 and presence[1.5] >= presence[1.0], presence
