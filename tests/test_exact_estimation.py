@@ -95,6 +95,14 @@ def test_a_model_with_patched_calls_falls_back_to_the_exact_per_layer_schedule(p
     assert_same_maps(maps, reference, activations.order)
 
 
+def patched_forwards(*roots) -> list[str]:
+    """Modules whose forward is anything but their class's own. ComfyUI, when it unloads a model
+    that carried object patches, puts the original bound method back as an instance attribute:
+    that one is the module's own forward, not a leftover."""
+    return [n for r in roots for n, m in r.named_modules()
+            if "forward" in m.__dict__ and getattr(m.__dict__["forward"], "__func__", None) is not type(m).forward]
+
+
 def test_interrupting_the_replay_leaves_no_hook_or_patch_behind(pack, sdxl):
     model, clip, _ = sdxl
     before = sample(model, clip)
@@ -116,7 +124,7 @@ def test_interrupting_the_replay_leaves_no_hook_or_patch_behind(pack, sdxl):
     assert calls["n"] == 5
     roots = (model.model, clip.cond_stage_model)
     assert all_hooks(*roots) == 0
-    assert not [n for r in roots for n, m in r.named_modules() if "forward" in m.__dict__]
+    assert not patched_forwards(*roots)
     assert not model.object_patches and not clip.patcher.object_patches
     assert torch.equal(sample(model, clip), before)
     # The same activations still fit afterwards, to the same maps as an uninterrupted run.
@@ -135,4 +143,4 @@ def test_an_error_during_the_replay_leaves_no_hook_or_patch_behind(pack, sd2):
     with pytest.raises(ValueError, match="out_layers.0 produced NaN"):
         fit(pack, activations)
     assert all_hooks(model.model) == 0
-    assert not [n for n, m in model.model.named_modules() if "forward" in m.__dict__]
+    assert not patched_forwards(model.model)
