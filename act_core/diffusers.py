@@ -581,7 +581,7 @@ class _Collector:
         (text-encoder layers stop inside the text encoder; once the last text-encoder map is fitted, the
         prompts are encoded once more with all of them applied and those encodings serve every UNet pass).
         Cost: on average half a pass over all prompts per layer (184 batch calls, mostly truncated, for
-        45 UNet layers in 4 batches), against about 1.6 passes for the pack's replay of units.
+        the tiny test SD1.5 UNet's 45 layers in 4 batches), against about 1.6 passes for the pack's replay of units.
         """
         batches = self.batches()
         if len(batches) == 1:
