@@ -71,16 +71,6 @@ def select_layers(modules: dict[str, torch.nn.Module], pattern: str | None) -> d
     return {n: m for n, m in modules.items() if regex.search(n)}
 
 
-def block_of(name: str) -> str:
-    """The block a layer belongs to: its path up to the first numbered component past the first
-    (input_blocks.4, layers.7), or its parent when it has none. Layers of one block run together."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit() and i >= 2:
-            return ".".join(parts[:i + 1])
-    return ".".join(parts[:-1])
-
-
 def output_dim(module: torch.nn.Module) -> int | None:
     """The width of a module's output features when its type tells it, else None."""
     if isinstance(module, torch.nn.GroupNorm):
