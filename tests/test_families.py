@@ -174,3 +174,13 @@ def test_inspect_draws_the_chart_for_flux_maps(pack, maps_by_family):
     chart, summary = pack.nodes.nodes_view.InspectMaps.execute(maps).args
     assert chart.shape[-1] == 3 and chart.shape[1] > 100 and chart.std() > 0.05
     assert f"{len(maps)} layers" in summary
+
+
+def test_flux_single_stream_block_outputs_can_be_chosen_by_pattern(pack, flux):
+    model, clip, _ = flux
+    activations = collect_small(pack, model, clip, layers="custom pattern", pattern=r"single_blocks\.\d+$")[0]
+    assert activations.order == ["diffusion_model.single_blocks.0", "diffusion_model.single_blocks.1"]
+    maps = fit(pack, activations)
+    plain = sample(model, clip)
+    assert torch.equal(sample(apply(pack, model, maps, 0.0)[0], clip), plain)
+    assert not torch.equal(sample(apply(pack, model, maps, 1.0)[0], clip), plain)
