@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..act_core import LayerMap, TransportMaps, fit_layer
-from .model_layers import (WHERE, ActError, clip_modules, is_unet_layer, model_family, select_layers,
-                           text_encoder_names, unet_modules)
+from .errors import ActError
+from .families import family_of, native_resolution
+from .model_layers import WHERE, clip_modules, is_unet_layer, select_layers, text_encoder_names, unet_modules
 from .steering import hooks_installed
 
 log = logging.getLogger("comfyui_act")
@@ -104,17 +105,21 @@ class Collector:
             raise ActError(f"'where' must be one of {WHERE}, got {settings.where!r}")
         if clip is None:
             raise ActError("Collect Activations needs the CLIP of the model to encode the prompts: connect it")
-        self.family = model_family(model)
+        self.spec = family_of(model)
+        self.family = self.spec.name
         text_encoder_names(clip)
+        if settings.where != "diffusion model" and not self.spec.steerable_text:
+            raise ActError(f"steering the text encoders of {self.family} models is not supported yet; "
+                           "set 'where' on Collect Activations to 'diffusion model'")
         self.model = model.clone()
         self.clip = clip.clone()
         self.settings = settings
         self.prompts = source + target
         self.n_source = len(source)
         self.levels = max(1, settings.noise_levels)
-        self.text_layers = (select_layers(clip_modules(clip), settings.pattern)
+        self.text_layers = (select_layers(clip_modules(clip), settings.pattern, self.spec.default_layers)
                             if settings.where in ("text encoder", "both") else {})
-        self.unet_layers = (select_layers(unet_modules(model), settings.pattern)
+        self.unet_layers = (select_layers(unet_modules(model), settings.pattern, self.spec.default_layers)
                             if settings.where in ("diffusion model", "both") else {})
         if not self.text_layers and not self.unet_layers:
             raise ActError(f"no layer of the {settings.where} matches the pattern {settings.pattern!r}; "
@@ -131,12 +136,7 @@ class Collector:
     # ----- what the passes are made of -----
 
     def _native_resolution(self) -> int:
-        import comfy.model_base
-        if self.family == "SDXL":
-            return 1024
-        if self.family == "SD2.x" and self.model.model.model_type == comfy.model_base.ModelType.V_PREDICTION:
-            return 768
-        return 512
+        return native_resolution(self.spec, self.model)
 
     def _sigmas(self) -> list[float]:
         """Noise levels: the first step of the model's schedule, then evenly spread percents."""
@@ -156,13 +156,20 @@ class Collector:
 
     def _encode(self, prompts: list[int], text_hooks: list) -> tuple[list[torch.Tensor], list]:
         """Encode prompts in one text-encoder batch; returns per-prompt conds and pooled outputs."""
+        if not self.spec.batched_text:
+            # The CLIP joins several encoders' token streams (FLUX, SD3): one call per prompt keeps
+            # each prompt's tokens together; its own pooled output is the one the model expects.
+            self._chunk_owners(prompts)
+            encoded = [self.clip.encode_from_tokens(self.tokens[p], return_pooled=True) for p in prompts]
+            return [c for c, _ in encoded], [p.float().cpu() if p is not None else None for _, p in encoded]
         merged: dict[str, list] = {}
         for p in prompts:
             for key, chunks in self.tokens[p].items():
                 merged.setdefault(key, []).extend(chunks)
         owners = self._chunk_owners(prompts)
         stage = self.clip.cond_stage_model
-        pooled_from = getattr(stage, "clip_g", None) or getattr(stage, text_encoder_names(self.clip)[0])
+        pooled_from = (getattr(stage, self.spec.pooled_from, None) if self.spec.pooled_from else None) or \
+            getattr(stage, text_encoder_names(self.clip)[0])
         captured = {}
 
         def capture_pooled(_module, _inputs, output):
@@ -211,11 +218,9 @@ class Collector:
         samples = len(conds) * self.levels
         length = math.lcm(*[c.shape[1] for c in conds])
         cond = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds for _ in range(self.levels)])
-        extra = {}
-        if self.family == "SDXL":
-            extra = {"pooled_output": torch.cat([p for p in pooled for _ in range(self.levels)]),
-                     "width": self.resolution, "height": self.resolution, "crop_w": 0, "crop_h": 0,
-                     "target_width": self.resolution, "target_height": self.resolution}
+        batch_pooled = (torch.cat([p for p in pooled for _ in range(self.levels)])
+                        if pooled and all(p is not None for p in pooled) else None)
+        extra = self.spec.extras(batch_pooled, self.resolution)
         positive = [[cond, extra]]
         channels = self.model.model.latent_format.latent_channels
         shape = (samples, channels, self.resolution // 8, self.resolution // 8)

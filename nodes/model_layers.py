@@ -1,7 +1,7 @@
 """What ComfyUI-ACT needs to know about a loaded ComfyUI model: its family and its hookable layers.
 
 Layer names are module paths: "diffusion_model.<module>" inside the MODEL's BaseModel, and
-"clip_l.<module>" / "clip_g.<module>" / "clip_h.<module>" inside the CLIP's cond_stage_model.
+"clip_l.<module>" / "clip_g.<module>" / "clip_h.<module>" / "t5xxl.<module>" inside the CLIP's cond_stage_model.
 """
 from __future__ import annotations
 
@@ -9,33 +9,15 @@ import re
 
 import torch
 
-SUPPORTED_FAMILIES = ("SD1.x", "SD2.x", "SDXL")
+from .errors import ActError
+from .families import FAMILIES, NORM_TYPES, SUPPORTED_FAMILIES, family_of, norm_layers  # noqa: F401
+
 WHERE = ("diffusion model", "text encoder", "both")
-NORM_TYPES = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-
-
-class ActError(ValueError):
-    """A problem the user can fix in the graph; the message says which node and input."""
-
-
-# ComfyUI reports an error's type as module + class name; the module path of a custom node is the long
-# file-system path of the pack, so name it as users know it.
-ActError.__module__ = "ComfyUI-ACT"
 
 
 def model_family(model) -> str:
-    """SD1.x, SD2.x or SDXL; any other model raises ActError naming it."""
-    import comfy.supported_models as sm
-    config = model.model.model_config
-    # Subclasses first: SD20 and SDXL variants share these bases.
-    if isinstance(config, sm.SDXL):
-        return "SDXL"
-    if isinstance(config, sm.SD20):
-        return "SD2.x"
-    if isinstance(config, sm.SD15):
-        return "SD1.x"
-    raise ActError(f"the MODEL is a {type(config).__name__} model, which ComfyUI-ACT does not support yet; "
-                   f"it supports {', '.join(SUPPORTED_FAMILIES)}")
+    """The family name of a MODEL (see families.FAMILIES); any other model raises ActError naming it."""
+    return family_of(model).name
 
 
 def is_unet_layer(name: str) -> bool:
@@ -53,16 +35,18 @@ def clip_modules(clip) -> dict[str, torch.nn.Module]:
 def text_encoder_names(clip) -> list[str]:
     """The text encoders inside a CLIP, as attribute names of its cond_stage_model."""
     stage = clip.cond_stage_model
-    names = [n for n in ("clip_l", "clip_g", "clip_h") if isinstance(getattr(stage, n, None), torch.nn.Module)]
+    known = dict.fromkeys(n for f in FAMILIES for n in f.text_encoders)
+    names = [n for n in known if isinstance(getattr(stage, n, None), torch.nn.Module)]
     if not names:
         raise ActError(f"the CLIP holds a {type(stage).__name__} text encoder, which ComfyUI-ACT does not support yet")
     return names
 
 
-def select_layers(modules: dict[str, torch.nn.Module], pattern: str | None) -> dict[str, torch.nn.Module]:
-    """Normalisation layers (the paper's choice), or every module whose name matches pattern."""
+def select_layers(modules: dict[str, torch.nn.Module], pattern: str | None,
+                  default=norm_layers) -> dict[str, torch.nn.Module]:
+    """The family's default layers (`default(name, module)`), or every module whose name matches pattern."""
     if not pattern:
-        return {n: m for n, m in modules.items() if isinstance(m, NORM_TYPES)}
+        return {n: m for n, m in modules.items() if default(n, m)}
     try:
         regex = re.compile(pattern)
     except re.error as error:

@@ -52,16 +52,19 @@ class CollectActivations(io.ComfyNode):
                                         "without it, or with style tags). At least 8."),
                 io.Combo.Input("where", options=list(WHERE), default=WHERE[0],
                                tooltip="Which part of the model to learn maps for. The paper steers the "
-                                       "diffusion model; adding the text encoder can help with concepts."),
+                                       "diffusion model; adding the text encoder can help with concepts. FLUX.1 and "
+                                       "SD3: diffusion model only for now."),
                 io.Combo.Input("layers", options=list(PRESETS), default=PRESETS[0],
                                tooltip="normalization layers: every GroupNorm/LayerNorm output, as in the "
-                                       "paper. custom pattern: the modules whose names match 'pattern'."),
+                                       "paper; on FLUX.1 and SD3 the norms before each block's attention and "
+                                       "MLP, image and text streams apart (img_norm/txt_norm, x_block/"
+                                       "context_block). custom pattern: the modules whose names match 'pattern'."),
                 io.String.Input("pattern", default="", optional=True,
                                 tooltip="Regular expression over module names such as "
                                         "'diffusion_model.output_blocks.*norm' (used with 'custom pattern')."),
                 io.Int.Input("resolution", default=0, min=0, max=4096, step=8,
                              tooltip="Image size the step runs at. 0 = the model's native size (512 SD1.x, "
-                                     "768 SD2.x-v, 1024 SDXL). Smaller is faster, less faithful."),
+                                     "768 SD2.x-v, 1024 SDXL, SD3 and FLUX.1). Smaller is faster, less faithful."),
                 io.Int.Input("noise_levels", default=1, min=1, max=16,
                              tooltip="1 = the first, noisiest step, as the paper. More spreads the samples "
                                      "over the schedule (each prompt is run once per level)."),

@@ -56,6 +56,16 @@ def sd2():
 
 
 @pytest.fixture(scope="session")
+def sd3():
+    return tiny_model("SD3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def flux():
+    return tiny_model("FLUX", seed=0)
+
+
+@pytest.fixture(scope="session")
 def thin_checkpoint() -> Path:
     return write_thin_sd15(CACHE_DIR)
 

@@ -1,6 +1,7 @@
 """Random-weight Stable Diffusion models built with ComfyUI's own classes (nothing is downloaded).
 
-    tiny_model("SD15" | "SD2" | "SDXL", seed)  -> (MODEL, CLIP, VAE) small enough for CPU tests
+    tiny_model("SD15" | "SD2" | "SDXL" | "SD3" | "FLUX", seed)
+                                                -> (MODEL, CLIP, VAE) small enough for CPU tests
     write_thin_sd15(folder)                     -> a checkpoint file that CheckpointLoaderSimple
                                                    detects as SD1.5: full-size CLIP-L and VAE, a UNet
                                                    with one level and one res block.
@@ -26,6 +27,8 @@ THIN_SD15_NAME = "ACT-demo-random-weights-sd15.safetensors"
 TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
              # SDXL's clip_l reads layer -2: three layers keep that meaningful.
              "num_hidden_layers": 3, "projection_dim": 64}
+
+TINY_T5 = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
 
 TINY_VAE = {"params": {"embed_dim": 4, "ddconfig": {
     "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
@@ -64,6 +67,22 @@ def unet_config(family: str, thin: bool = False) -> dict:
                    transformer_depth_middle=1, use_linear_in_transformer=True, num_classes="sequential",
                    # pooled clip_g projection + 6 size/crop embeddings of 256
                    adm_in_channels=TINY_CLIP["projection_dim"] + 1536)
+    elif family == "SD3":
+        # MMDiT: hidden size is 64 x depth. Its context is 4096 wide: CLIP-L and CLIP-G outputs
+        # side by side, zero-padded to T5's width (this CLIP has no T5, as with an SD3.5 checkpoint
+        # loaded without one); the pooled vector is CLIP-L's and CLIP-G's joined.
+        return {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2,
+                "adm_in_channels": 2 * TINY_CLIP["hidden_size"], "pos_embed_max_size": 32, "num_patches": 32 * 32,
+                "pos_embed_scaling_factor": None, "qk_norm": "rms",
+                "context_embedder_config": {"target": "torch.nn.Linear",
+                                            "params": {"in_features": 4096, "out_features": 128}}}
+    elif family == "FLUX":
+        # Two double-stream and two single-stream blocks; the context is T5's output, the vector
+        # input CLIP-L's pooled output (not projected, as ComfyUI's FLUX CLIP gives it).
+        return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+                "vec_in_dim": TINY_CLIP["hidden_size"], "context_in_dim": TINY_T5["d_model"], "hidden_size": 64,
+                "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 12, 12],
+                "theta": 10000, "qkv_bias": True, "guidance_embed": True}
     else:
         raise ValueError(f"no test model for family {family!r}")
     return cfg
@@ -86,7 +105,7 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
 
 def _model_config(family: str, unet: dict):
     import comfy.supported_models as sm
-    cls = {"SD15": sm.SD15, "SD2": sm.SD20, "SDXL": sm.SDXL}[family]
+    cls = {"SD15": sm.SD15, "SD2": sm.SD20, "SDXL": sm.SDXL, "SD3": sm.SD3, "FLUX": sm.Flux}[family]
     cfg = cls(unet)
     cfg.set_inference_dtype(torch.float32, None)
     return cfg
@@ -103,6 +122,11 @@ def build_model(family: str, seed: int, thin: bool = False):
     else:
         base = cfg.get_model({}, "")
     randomize(base.diffusion_model, seed)
+    if family == "SD3":
+        # MMDiT's position table is a buffer (created empty, filled from checkpoints): fill it too.
+        with torch.no_grad():
+            table = base.diffusion_model.pos_embed
+            table.copy_(0.1 * torch.randn(table.shape, generator=torch.Generator().manual_seed(seed + 3)))
     base.eval()
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
@@ -111,20 +135,32 @@ def build_model(family: str, seed: int, thin: bool = False):
 
 def build_clip(cfg, family: str, seed: int, full_size: bool = False):
     import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.sd3_clip
+    target = cfg.clip_target()
     if full_size:
         options = {}
     elif family == "SD2":
         options = {"model_name": "clip_h", "clip_h_model_config": dict(TINY_CLIP)}
     else:
-        options = {"clip_l_model_config": dict(TINY_CLIP), "clip_g_model_config": dict(TINY_CLIP)}
-    clip = comfy.sd.CLIP(cfg.clip_target(), model_options=options)
+        options = {"clip_l_model_config": dict(TINY_CLIP), "clip_g_model_config": dict(TINY_CLIP),
+                   "t5xxl_model_config": dict(TINY_T5)}
+    if family == "SD3":
+        # The SD3 config reads which encoders exist from a checkpoint's keys; name them here.
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
+                                                        comfy.text_encoders.sd3_clip.sd3_clip(t5=False))
+    clip = comfy.sd.CLIP(target, model_options=options)
     randomize(clip.cond_stage_model, seed + 1)
     return clip
 
 
-def build_vae(seed: int, full_size: bool = False):
+def build_vae(seed: int, full_size: bool = False, channels: int = 4):
     import comfy.sd
-    vae = comfy.sd.VAE(sd={}, config=FULL_VAE if full_size else TINY_VAE)
+    config = FULL_VAE if full_size else TINY_VAE
+    if channels != 4:
+        config = {"params": {"embed_dim": channels,
+                             "ddconfig": dict(config["params"]["ddconfig"], z_channels=channels)}}
+    vae = comfy.sd.VAE(sd={}, config=config)
     randomize(vae.first_stage_model, seed + 2)
     return vae
 
@@ -132,7 +168,7 @@ def build_vae(seed: int, full_size: bool = False):
 def tiny_model(family: str = "SD15", seed: int = 0):
     """(MODEL, CLIP, VAE) for a tiny random-weight model of the family: SD15, SD2 or SDXL."""
     model, cfg = build_model(family, seed)
-    return model, build_clip(cfg, family, seed), build_vae(seed)
+    return model, build_clip(cfg, family, seed), build_vae(seed, channels=cfg.latent_format.latent_channels)
 
 
 def write_thin_sd15(folder: str | os.PathLike, seed: int = 0, name: str = THIN_SD15_NAME) -> Path:

@@ -1,0 +1,101 @@
+"""The model families ComfyUI-ACT steers, as data: one entry per family, asked by everything else.
+
+A family says how ComfyUI shows it (the comfy.supported_models config classes that mean it, and the
+subclasses that do not), which layers are steered when the user names none, what a collection pass
+must hand the diffusion model besides the prompt (pooled text embedding, image size, guidance), its
+native resolution and the text encoders its CLIP carries (attribute names in cond_stage_model).
+Adding a family is one Family(...) entry here plus its tiny test model in tests/make_models.py.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ActError
+
+NORM_TYPES = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def norm_layers(name: str, module: torch.nn.Module) -> bool:
+    """The paper's choice: every GroupNorm / LayerNorm. On FLUX and SD3 these keep the image and text
+    token streams apart (img_norm* / txt_norm*, x_block.norm* / context_block.norm*)."""
+    return isinstance(module, NORM_TYPES)
+
+
+def _no_extras(pooled: torch.Tensor | None, resolution: int) -> dict:
+    return {}
+
+
+def _sdxl_extras(pooled, resolution):
+    # SDXL's UNet embeds the pooled CLIP-G output and six size/crop numbers (ComfyUI's defaults).
+    return {"pooled_output": pooled, "width": resolution, "height": resolution, "crop_w": 0, "crop_h": 0,
+            "target_width": resolution, "target_height": resolution}
+
+
+def _pooled_only(pooled, resolution):
+    return {"pooled_output": pooled}
+
+
+def _flux_extras(pooled, resolution):
+    # FLUX.1-dev embeds a guidance value (FluxGuidance node; 3.5 is ComfyUI's default); schnell ignores it.
+    return {"pooled_output": pooled, "guidance": 3.5}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                                   # as stored in maps files and shown to users
+    configs: tuple[str, ...]                    # comfy.supported_models classes (subclasses included)
+    text_encoders: tuple[str, ...]              # attributes of the CLIP's cond_stage_model
+    native_resolution: int | Callable           # pixels, or f(model) -> pixels
+    extras: Callable = _no_extras               # f(pooled [samples, D], resolution) -> cond extras
+    default_layers: Callable = norm_layers      # f(name, module) -> bool
+    default_layers_text: str = "normalization layers"
+    pooled_from: str = ""                       # the encoder whose pooled output `extras` gets ("" = first)
+    excluded: tuple[str, ...] = ()              # subclasses of `configs` that are another architecture
+    # One text-encoder call for a whole batch works when the CLIP's output is one token stream per
+    # prompt chunk; FLUX and SD3 join several encoders' streams (CLIP then T5), so their prompts are
+    # encoded one by one.
+    batched_text: bool = True
+    steerable_text: bool = True                 # text-encoder layers can be collected and steered
+
+
+def _sd2_resolution(model) -> int:
+    import comfy.model_base
+    return 768 if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else 512
+
+
+FAMILIES: tuple[Family, ...] = (
+    # Subclasses first: SDXL and SD2 variants share bases with the others.
+    Family("SDXL", ("SDXL",), ("clip_l", "clip_g"), 1024, _sdxl_extras, pooled_from="clip_g"),
+    Family("SD2.x", ("SD20",), ("clip_h",), _sd2_resolution),
+    Family("SD1.x", ("SD15",), ("clip_l",), 512),
+    Family("SD3", ("SD3",), ("clip_l", "clip_g", "t5xxl"), 1024, _pooled_only,
+           batched_text=False, steerable_text=False),
+    Family("FLUX.1", ("Flux",), ("clip_l", "t5xxl"), 1024, _flux_extras,
+           excluded=("Flux2", "FluxInpaint"), batched_text=False, steerable_text=False),
+)
+
+SUPPORTED_FAMILIES = tuple(f.name for f in FAMILIES)
+
+
+def family_of(model) -> Family:
+    """The Family of a ComfyUI MODEL; any other model raises ActError naming it."""
+    import comfy.supported_models as sm
+    config = model.model.model_config
+    for family in FAMILIES:
+        if any(isinstance(config, getattr(sm, c)) for c in family.configs if hasattr(sm, c)) and \
+                not any(isinstance(config, getattr(sm, c)) for c in family.excluded if hasattr(sm, c)):
+            return family
+    raise ActError(f"the MODEL is a {type(config).__name__} model, which ComfyUI-ACT does not support yet; "
+                   f"it supports {', '.join(SUPPORTED_FAMILIES)}")
+
+
+def by_name(name: str) -> Family | None:
+    return next((f for f in FAMILIES if f.name == name), None)
+
+
+def native_resolution(family: Family, model) -> int:
+    size = family.native_resolution
+    return size(model) if callable(size) else size

@@ -1,0 +1,186 @@
+"""FLUX.1 and SD3 beside the SD families: collect, fit, apply (exact and fused), save and load, on tiny
+random-weight models built with ComfyUI's own classes, through the real nodes and KSampler."""
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+import comfy.model_management
+import folder_paths
+from act_core import LayerMap, TransportMaps
+from conftest import sample as conftest_sample
+from test_exact_estimation import FALLBACK, assert_same_maps
+from test_learn import all_hooks, collect, fit
+
+BOTH = "conditional and unconditional"
+NEW = [("FLUX.1", "flux"), ("SD3", "sd3")]
+# Ten prompt pairs as elsewhere would do; eight (the minimum) keep the transformer passes few.
+THINGS = ["a house", "a dog", "a street", "a kitchen", "a beach", "a car", "a forest", "a cat"]
+SOURCE = "\n".join(f"a photo of {t} with a pink elephant" for t in THINGS)
+TARGET = "\n".join(f"a photo of {t}" for t in THINGS)
+
+
+def sample(model, clip, vae=None):
+    return conftest_sample(model, clip, vae, steps=2)
+
+
+def collect_small(pack, model, clip, **kw):
+    return collect(pack, model, clip, where="diffusion model", source=SOURCE, target=TARGET, **kw)
+
+
+@pytest.fixture(scope="module")
+def maps_by_family(pack, flux, sd3):
+    return {fixture: fit(pack, collect_small(pack, *(flux if fixture == "flux" else sd3)[:2])[0])
+            for fixture in ("flux", "sd3")}
+
+
+def apply(pack, model, maps, strength=1.0, clip=None, mode="exact"):
+    node = pack.nodes.nodes_apply.ApplyTransportMaps
+    return node.execute(model, maps, strength, 0.0, 1.0, BOTH, mode, clip).args
+
+
+def layer_norms(pack, model):
+    return {n: m for n, m in pack.nodes.model_layers.unet_modules(model).items() if isinstance(m, torch.nn.LayerNorm)}
+
+
+@pytest.mark.parametrize("family, fixture", NEW)
+def test_collect_and_fit_give_maps_for_the_norm_layers_of_both_token_streams(pack, request, maps_by_family,
+                                                                            family, fixture):
+    model, clip, _ = request.getfixturevalue(fixture)
+    maps = maps_by_family[fixture]
+    assert maps.family == family and maps.info["family"] == family
+    expected = layer_norms(pack, model)
+    # The last SD3 block keeps only the context stream's pre-attention norm (its text output is unused).
+    assert set(maps) <= set(expected) and len(maps) >= len(expected) - 2
+    streams = ("img_norm", "txt_norm") if family == "FLUX.1" else ("x_block.norm", "context_block.norm")
+    for stream in streams:
+        assert any(stream in name for name in maps), stream
+    if family == "FLUX.1":
+        assert any("single_blocks" in name for name in maps)
+    for name, layer in maps.items():
+        assert layer.kind == "token" and layer.dim == expected[name].normalized_shape[-1]
+        assert torch.isfinite(layer.scale).all()
+
+
+@pytest.mark.parametrize("fixture", ["flux", "sd3"])
+def test_incremental_in_batches_equals_the_one_batch_fit(pack, request, caplog, fixture):
+    model, clip, _ = request.getfixturevalue(fixture)
+    whole = collect_small(pack, model, clip)[0]
+    reference = whole.collector.incremental(whole, "linear", "q_0_100", blocks="auto")
+    small = collect_small(pack, model, clip, batch_size=8)[0]
+    assert len(small.collector.batches()) > 1
+    with caplog.at_level(logging.WARNING, logger="comfyui_act"):
+        maps = fit(pack, small)
+    # The replay of module calls handles these transformers; the layer-by-layer fallback is not needed.
+    assert FALLBACK not in caplog.text
+    assert small.collector.passes < len(small.order)
+    assert_same_maps(maps, reference, whole.order)
+
+
+@pytest.mark.parametrize("fixture", ["flux", "sd3"])
+def test_strength_zero_is_bit_identical_the_dial_is_monotonic_and_fused_equals_exact(pack, request,
+                                                                                    maps_by_family, fixture):
+    model, clip, vae = request.getfixturevalue(fixture)
+    maps = maps_by_family[fixture]
+    plain = sample(model, clip, vae)
+    distances = []
+    for strength in (0.0, 0.5, 1.0):
+        steered = sample(apply(pack, model, maps, strength)[0], clip, vae)
+        if strength == 0.0:
+            assert torch.equal(steered, plain)
+        # These norms have no weight or bias to fold into: fused mode runs them exactly, the same image.
+        assert torch.equal(sample(apply(pack, model, maps, strength, mode="fused")[0], clip, vae), steered)
+        distances.append((steered - plain).pow(2).mean().sqrt().item())
+    assert distances[0] == 0 < distances[1] < distances[2], distances
+    assert torch.equal(sample(model, clip, vae), plain)  # the unpatched model is untouched
+
+
+def test_two_apply_nodes_chain_on_flux(pack, flux, maps_by_family):
+    model, clip, _ = flux
+    first = maps_by_family["flux"]
+    second = TransportMaps({n: LayerMap(torch.full_like(l.scale, 0.9), l.shift * 0 + 0.05, l.lo * 0 - float("inf"),
+                                        l.hi * 0 + float("inf"), l.kind) for n, l in first.items()}, first.info)
+    once = apply(pack, model, first)[0]
+    assert torch.equal(sample(apply(pack, once, second, 0.0)[0], clip), sample(once, clip))
+    both = sample(apply(pack, once, second)[0], clip)
+    assert not torch.equal(both, sample(once, clip))
+    assert not torch.equal(both, sample(apply(pack, model, second)[0], clip))
+
+
+def test_maps_save_load_and_steer_alike(pack, sd3, maps_by_family):
+    model, clip, _ = sd3
+    maps = maps_by_family["sd3"]
+    path = pack.nodes.nodes_files.SaveTransportMaps.execute(maps, "test-families-sd3", True).args[0]
+    try:
+        name = "test-families-sd3.safetensors"
+        assert name in folder_paths.get_filename_list("act")
+        loaded, summary = pack.nodes.nodes_files.LoadTransportMaps.execute(name).args
+    finally:
+        import os
+        os.remove(path)
+    assert loaded.family == "SD3" and "SD3" in summary and list(loaded) == list(maps)
+    assert torch.equal(sample(apply(pack, model, loaded)[0], clip), sample(apply(pack, model, maps)[0], clip))
+
+
+@pytest.mark.parametrize("maps_from, model_of, names", [
+    ("flux", "sd3", ("FLUX.1", "SD3")), ("sd3", "flux", ("SD3", "FLUX.1")), ("flux", "sd15", ("FLUX.1", "SD1.x"))])
+def test_maps_of_one_family_are_refused_on_another_naming_both(pack, request, maps_by_family, maps_from, model_of,
+                                                               names):
+    model = request.getfixturevalue(model_of)[0]
+    with pytest.raises(pack.nodes.model_layers.ActError) as error:
+        apply(pack, model, maps_by_family[maps_from])
+    assert all(name in str(error.value) for name in names), str(error.value)
+
+
+def test_sd_maps_are_refused_on_flux(pack, sd15, flux):
+    maps = fit(pack, collect(pack, *sd15[:2], where="diffusion model")[0], "at once")
+    with pytest.raises(pack.nodes.model_layers.ActError, match="SD1.x.*FLUX.1"):
+        apply(pack, flux[0], maps)
+
+
+@pytest.mark.parametrize("where", ["text encoder", "both"])
+def test_text_encoder_steering_on_flux_is_refused_with_the_fix(pack, flux, where):
+    with pytest.raises(pack.nodes.model_layers.ActError, match="'where' on Collect Activations"):
+        collect(pack, *flux[:2], where=where, source=SOURCE, target=TARGET)
+
+
+@pytest.mark.parametrize("fixture", ["flux", "sd3"])
+def test_interrupting_collection_leaves_nothing_behind(pack, request, fixture):
+    model, clip, _ = request.getfixturevalue(fixture)
+    before = sample(model, clip)
+    victim = random.Random(fixture).choice(list(layer_norms(pack, model).values()))
+
+    def interrupt(*_):
+        comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    handle = victim.register_forward_hook(interrupt)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            collect_small(pack, model, clip)
+    finally:
+        handle.remove()
+        comfy.model_management.interrupt_current_processing(False)
+    assert all_hooks(model.model, clip.cond_stage_model) == 0
+    assert not model.object_patches and not model.patches
+    assert torch.equal(sample(model, clip), before)
+
+
+def test_inspect_draws_the_chart_for_flux_maps(pack, maps_by_family):
+    maps = maps_by_family["flux"]
+    chart, summary = pack.nodes.nodes_view.InspectMaps.execute(maps).args
+    assert chart.shape[-1] == 3 and chart.shape[1] > 100 and chart.std() > 0.05
+    assert f"{len(maps)} layers" in summary
+
+
+def test_flux_single_stream_block_outputs_can_be_chosen_by_pattern(pack, flux):
+    model, clip, _ = flux
+    activations = collect_small(pack, model, clip, layers="custom pattern", pattern=r"single_blocks\.\d+$")[0]
+    assert activations.order == ["diffusion_model.single_blocks.0", "diffusion_model.single_blocks.1"]
+    maps = fit(pack, activations)
+    plain = sample(model, clip)
+    assert torch.equal(sample(apply(pack, model, maps, 0.0)[0], clip), plain)
+    assert not torch.equal(sample(apply(pack, model, maps, 1.0)[0], clip), plain)
