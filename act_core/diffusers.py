@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .maps import LayerMap, TransportMaps, check_strength, fit_layer
+from .modules import hooks_installed, output_dim
 
 __all__ = ["DiffusersSupportError", "TranslationError", "PipelineLayers", "to_diffusers_names", "to_pack_names",
            "steer", "collect_activations", "fit_maps", "Activations", "SCHEDULES", "MIN_PROMPTS"]
@@ -339,31 +340,7 @@ def to_pack_names(pipe, names) -> dict[str, str]:
     return PipelineLayers(pipe).to_pack(names)
 
 
-def _output_dim(module: torch.nn.Module) -> int | None:
-    if isinstance(module, torch.nn.GroupNorm):
-        return module.num_channels
-    if isinstance(module, torch.nn.LayerNorm):
-        return int(module.normalized_shape[-1])
-    if isinstance(module, torch.nn.Linear):
-        return module.out_features
-    if isinstance(module, torch.nn.Conv2d):
-        return module.out_channels
-    return None
-
-
 # ----- steering -----
-
-@contextlib.contextmanager
-def _hooks(hooks):
-    handles = []
-    try:
-        for module, hook in hooks:
-            handles.append(module.register_forward_hook(hook, prepend=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
 
 def _steering_hook(name: str, layer_map: LayerMap, strength: float):
     def hook(_module, _inputs, output):
@@ -393,7 +370,7 @@ def steer(pipe, maps: TransportMaps, strength: float = 1.0):
     translated = layers.to_diffusers(names)
     problems = []
     for name, target in translated.items():
-        width = _output_dim(layers.module(target))
+        width = output_dim(layers.module(target))
         if width is not None and width != maps[name].dim:
             problems.append(f"{name} ({target}): {maps[name].dim} neurons in the maps, {width} in the pipeline")
     if problems:
@@ -401,7 +378,7 @@ def steer(pipe, maps: TransportMaps, strength: float = 1.0):
                                     + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
     hooks = [] if strength == 0.0 else [
         (layers.module(target), _steering_hook(name, maps[name], strength)) for name, target in translated.items()]
-    with _hooks(hooks):
+    with hooks_installed(hooks):
         yield pipe
 
 
@@ -526,10 +503,10 @@ class _Collector:
                 if encoded is not None:
                     cond, pooled = encoded[b]
                 else:
-                    with _hooks(text_hooks):
+                    with hooks_installed(text_hooks):
                         cond, pooled = self._encode([self.prompts[p] for p in batch])
                 if need_unet and unet_hooks:
-                    with _hooks(unet_hooks):
+                    with hooks_installed(unet_hooks):
                         self._unet_call(batch, cond, pooled)
             except _PassComplete:
                 pass
@@ -602,7 +579,7 @@ class _Collector:
         """The UNet's conditioning per batch, encoded with the text-encoder maps applied."""
         hooks = [(m, _steering_hook(n, maps[n], 1.0)) for n, m in self.text_layers.items() if n in maps]
         out = []
-        with _hooks(hooks):
+        with hooks_installed(hooks):
             for batch in batches:
                 out.append(self._encode([self.prompts[p] for p in batch]))
         self.passes += len(batches)

@@ -9,6 +9,7 @@ import re
 
 import torch
 
+from ..act_core.modules import output_dim  # noqa: F401  (the width check below; tests ask here)
 from .errors import ActError
 from .families import FAMILIES, NORM_TYPES, SUPPORTED_FAMILIES, family_of, norm_layers  # noqa: F401
 
@@ -53,19 +54,6 @@ def select_layers(modules: dict[str, torch.nn.Module], pattern: str | None,
         raise ActError(f"the layer pattern {pattern!r} is not a valid regular expression ({error}); "
                        "fix the 'pattern' input of Collect Activations") from None
     return {n: m for n, m in modules.items() if regex.search(n)}
-
-
-def output_dim(module: torch.nn.Module) -> int | None:
-    """The width of a module's output features when its type tells it, else None."""
-    if isinstance(module, torch.nn.GroupNorm):
-        return module.num_channels
-    if isinstance(module, torch.nn.LayerNorm):
-        return int(module.normalized_shape[-1])
-    if isinstance(module, torch.nn.Linear):
-        return module.out_features
-    if isinstance(module, torch.nn.Conv2d):
-        return module.out_channels
-    return None
 
 
 def check_maps_fit(maps, model=None, clip=None) -> None:

@@ -22,35 +22,19 @@ fused: maps folded into the weights of the layer that produces the activation, a
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
 from ..act_core import TransportMaps, check_strength, kernels
+from ..act_core.modules import Hook, hooks_installed  # noqa: F401  (collection uses it from here too)
 from .model_layers import ActError, check_maps_fit, clip_modules, is_unet_layer, unet_modules
 
 log = logging.getLogger("comfyui_act")
 
 MODES = ("exact", "fused")
 BRANCHES = ("conditional and unconditional", "conditional only")
-
-Hook = Callable[[torch.nn.Module, tuple, object], object]
-
-
-@contextlib.contextmanager
-def hooks_installed(hooks: Iterable[tuple[torch.nn.Module, Hook]]):
-    """Register forward hooks for the duration of a with-block; always removes them."""
-    handles = []
-    try:
-        for module, hook in hooks:
-            handles.append(module.register_forward_hook(hook, prepend=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
 
 def original_or_patched(patcher, key: str, owner: torch.nn.Module, attribute: str):
     """The callable an object patch on `key` must wrap: an earlier object patch on this clone, else the
