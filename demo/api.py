@@ -15,7 +15,6 @@ Transport Maps nodes, called in-process. Needs ComfyUI importable (COMFYUI_PATH)
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,20 +26,13 @@ from . import model as M
 from . import shapes
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-PACKAGE = "comfyui_act"
 
 
 def load_pack():
-    """This pack imported the way ComfyUI imports it (a package from its folder)."""
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(PACKAGE, PACK_DIR / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_DIR)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    module.nodes.nodes_files.register_folder()
-    return module
+    """This pack imported the way ComfyUI imports it, by the loader the tests and benchmarks use."""
+    sys.path.insert(0, str(PACK_DIR / "tests"))
+    from pack_loader import load_pack as load
+    return load()
 
 
 class Lab:
