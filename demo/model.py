@@ -5,13 +5,14 @@ Parts: a UNet (comfy.supported_models.SD15 with a small configuration), a CLIP t
 small). So ComfyUI's own CLIPTextEncode, KSampler and VAEDecode run it, and so do this pack's nodes.
 
 Latents are 4 x 8 x 8 for 64 x 64 pixel images (EmptyLatentImage at 64 x 64). The latent is not
-learned: channels 0-2 are the mean colour of each 8 x 8 pixel cell and channel 3 the share of the cell
-covered by objects (see `encode_scene`). The VAE decoder is trained to draw the picture back; the UNet
+learned: channels 0-2 are the mean colour of each 8 x 8 pixel cell and channel 3 the mean shape code of
+the objects covering it (see `encode_scene`). The VAE decoder is trained to draw the picture back; the UNet
 and the text encoder are trained together, from scratch, on captions of procedural scenes
 (demo/shapes.py). demo/train.py makes the weights; `load()` reads them.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -40,7 +41,11 @@ VAE = {"params": {"embed_dim": 4, "ddconfig": {
 
 
 def import_comfy() -> None:
-    """Put ComfyUI on sys.path (COMFYUI_PATH) and keep it on the CPU when there is no GPU."""
+    """Put ComfyUI on sys.path (COMFYUI_PATH) and keep it on the CPU when there is no GPU.
+
+    Inside a running ComfyUI (the demo loader node) nothing is changed: the server chose its device."""
+    if "comfy.model_management" in sys.modules:
+        return
     comfy_dir = os.environ.get("COMFYUI_PATH")
     if comfy_dir and comfy_dir not in sys.path:
         sys.path.insert(0, comfy_dir)
@@ -62,17 +67,18 @@ def seeded_init(module: torch.nn.Module, seed: int) -> None:
                 p.zero_()
 
 
-def build(seed: int = 0, text_dtype=None):
+def build(seed: int = 0, text_dtype=None, unet: dict | None = None):
     """(MODEL, CLIP, VAE) with seeded random weights, in ComfyUI's own classes.
 
     text_dtype: None keeps ComfyUI's choice (fp16 on CPU); training needs torch.float32.
+    unet: changes to the UNet configuration (UNET), e.g. {"model_channels": 64}.
     """
     import_comfy()
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
-    cfg = comfy.supported_models.SD15(dict(UNET))
+    cfg = comfy.supported_models.SD15({**UNET, **(unet or {})})
     cfg.set_inference_dtype(torch.float32, None)
     base = cfg.get_model({}, "")
     seeded_init(base.diffusion_model, seed)
@@ -110,10 +116,14 @@ def save(path: str | os.PathLike, model, clip, vae, metadata: dict | None = None
 
 def load(path: str | os.PathLike = WEIGHTS):
     """(MODEL, CLIP, VAE) of the trained shapes model, ready for ComfyUI's nodes."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
     if not Path(path).exists():
         raise FileNotFoundError(f"no shapes model at {path}; make it with: python demo/train.py")
-    model, clip, vae = build(0)
+    with safe_open(str(path), "pt") as f:
+        config = json.loads((f.metadata() or {}).get("config", "{}"))
+    model, clip, vae = build(0, unet=config.get("unet"))
+    model.model.model_config.native_resolution = PIXELS  # what resolution 0 on Collect Activations means
     sd = load_file(str(path))
     for prefix, module in parts(model, clip, vae).items():
         own = {k[len(prefix) + 1:]: v.float() for k, v in sd.items() if k.startswith(prefix + ".")}
@@ -126,10 +136,22 @@ def load(path: str | os.PathLike = WEIGHTS):
     return model, clip, vae
 
 
-def encode_scene(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The fixed encoder: (4, 8, 8) latent of a 32 px scene (cell means of colour and object cover)."""
+# Channel 3 of the latent: each object pixel carries its shape's code, the background 0. Codes are
+# evenly spread over [-2, 2] so that a cell's mean (coverage x code) still tells the decoder which shape
+# to draw, with margins the UNet can hit: with [-1, 1] and uneven codes it drew squares as circles.
+SHAPE_CODES = {"circle": 2.0, "square": 2 / 3, "triangle": -2 / 3, "cross": -2.0}
+
+
+def encode_scene(scene: dict) -> np.ndarray:
+    """The fixed encoder: (4, 8, 8) latent of a scene, per 4 x 4 pixel cell of the 32 px drawing.
+
+    Channels 0-2: the cell's mean colour (objects, background style); channel 3: the cell's mean
+    shape code (coverage x code). Cell means alone lose the shapes of 8 px objects: a small circle and
+    a small square cover 2 x 2 cells alike. The code keeps them apart, so the decoder can draw them."""
+    image, labels = shapes.render_labels(scene)
+    codes = np.array([SHAPE_CODES[s] for s in shapes.SHAPES] + [0.0], np.float32)[labels]
     cell = shapes.SIZE // 8
-    x = np.concatenate([image * 2 - 1, mask[:, :, None].astype(np.float32) * 2 - 1], axis=2)
+    x = np.concatenate([image * 2 - 1, codes[:, :, None]], axis=2)
     x = x.reshape(8, cell, 8, cell, 4).mean(axis=(1, 3))
     return (x.transpose(2, 0, 1) * ENC_GAIN).astype(np.float32)
 

@@ -99,14 +99,20 @@ def random_scene(rng: np.random.Generator, count: int | None = None, bg: str | N
 
 def render(scene: dict) -> tuple[np.ndarray, np.ndarray]:
     """(image (SIZE, SIZE, 3) in [0, 1], object mask (SIZE, SIZE) bool)."""
+    image, labels = render_labels(scene)
+    return image, labels >= 0
+
+
+def render_labels(scene: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(image (SIZE, SIZE, 3) in [0, 1], shape index per pixel (SIZE, SIZE) int, -1 on the background)."""
     grey = background(scene["background"], scene.get("level", 0.6))
     image = np.repeat(grey[:, :, None], 3, axis=2)
-    mask = np.zeros((SIZE, SIZE), bool)
+    labels = np.full((SIZE, SIZE), -1, np.int64)
     for o in scene["objects"]:
         m = shape_mask(o["shape"], SIZES[o["size"]], o["cx"], o["cy"])
         image[m] = COLOURS[o["colour"]]
-        mask |= m
-    return image.astype(np.float32), mask
+        labels[m] = SHAPES.index(o["shape"])
+    return image.astype(np.float32), labels
 
 
 def is_held_out(text: str) -> bool:
