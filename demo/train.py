@@ -32,10 +32,10 @@ def batch(rng: np.random.Generator, n: int):
     caps, imgs, lats = [], [], []
     for _ in range(n):
         scene = shapes.training_scene(rng)
-        img, mask = shapes.render(scene)
+        img, _ = shapes.render(scene)
         caps.append(scene["caption"])
         imgs.append(M.to_pixels(img).transpose(2, 0, 1) * 2 - 1)
-        lats.append(M.encode_scene(img, mask))
+        lats.append(M.encode_scene(scene))
     return caps, torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(lats))
 
 
@@ -50,6 +50,8 @@ def train_vae(vae, steps: int, seed: int, batch_size: int = 8, log=print) -> Non
         _, img, lat = batch(rng, batch_size)
         out = ae.decode(lat)
         loss = torch.nn.functional.mse_loss(out, img)
+        for g in opt.param_groups:  # linear decay to a tenth: sharper edges at the end
+            g["lr"] = 2e-3 * (1 - 0.9 * step / max(1, steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -68,7 +70,10 @@ def train_diffusion(model, clip, steps: int, seed: int, batch_size: int = 64, lr
                     log=print) -> None:
     unet = model.model.diffusion_model
     text = clip.cond_stage_model.clip_l
-    params = list(unet.parameters()) + list(text.parameters())
+    # The token table (49408 x 64) stays as drawn: the captions use a few dozen of its rows, and its
+    # dense gradient and optimiser state would cost more than the rest of the text encoder.
+    table = text.transformer.text_model.embeddings.token_embedding.weight
+    params = [p for p in list(unet.parameters()) + list(text.parameters()) if p is not table]
     for p in params:
         p.requires_grad_(True)
     unet.train()
@@ -88,17 +93,27 @@ def train_diffusion(model, clip, steps: int, seed: int, batch_size: int = 64, lr
     import comfy.clip_model
     original_forward = comfy.clip_model.CLIPLayer.forward
     comfy.clip_model.CLIPLayer.forward = _out_of_place_clip_layer
+    ema = [p.detach().clone() for p in params]
     try:
-        _diffusion_loop(unet, text, params, opt, alphas, rng, gen, tokens, steps, batch_size, lr, log)
+        _diffusion_loop(unet, text, params, ema, opt, alphas, rng, gen, tokens, steps, batch_size, lr, log)
     finally:
         comfy.clip_model.CLIPLayer.forward = original_forward
+    with torch.no_grad():  # the saved weights are the moving average: cleaner samples than the last step
+        for p, e in zip(params, ema):
+            p.copy_(e)
     unet.eval()
     text.eval()
     for p in params:
         p.requires_grad_(False)
 
 
-def _diffusion_loop(unet, text, params, opt, alphas, rng, gen, tokens, steps, batch_size, lr, log):
+EMA_DECAY = 0.999
+MIN_SNR_GAMMA = 5.0  # loss weight min(SNR, 5) / SNR (Hang et al., 2023): noisy steps count as much as clean ones
+
+
+def _diffusion_loop(unet, text, params, ema, opt, alphas, rng, gen, tokens, steps, batch_size, lr, log):
+    snr = alphas / (1 - alphas)
+    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
     t0 = time.time()
     for step in range(steps):
         caps, _, x0 = batch(rng, batch_size)
@@ -110,7 +125,7 @@ def _diffusion_loop(unet, text, params, opt, alphas, rng, gen, tokens, steps, ba
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         context = text([tokens(c) for c in caps])[0]
         pred = unet(xt, timesteps=t.float(), context=context)
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss = (weights[t] * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"diffusion loss is {loss.item()} at step {step}")
         for g in opt.param_groups:  # short warm-up, then linear decay to a tenth
@@ -119,6 +134,9 @@ def _diffusion_loop(unet, text, params, opt, alphas, rng, gen, tokens, steps, ba
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         if step % 50 == 0 or step == steps - 1 or steps < 50:
             log(f"diffusion step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
 
@@ -133,20 +151,21 @@ def weights_digest(model, clip, vae) -> str:
 
 
 def train(steps: int, decoder_steps: int, seed: int = 0, batch_size: int = 64, threads: int = 1,
-          log=print, resume: str | None = None, stage: int = 0):
+          log=print, resume: str | None = None, stage: int = 0, unet: dict | None = None,
+          decoder_batch: int = 16):
     """Train from scratch (or go on from `resume`, a file this script wrote); returns (MODEL, CLIP, VAE).
 
     stage numbers the runs of a chain: each stage draws its own scenes and noise."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model, clip, vae = M.build(seed, text_dtype=torch.float32)
+    model, clip, vae = M.build(seed, text_dtype=torch.float32, unet=unet)
     if resume:
         from safetensors.torch import load_file
         sd = load_file(resume)
         for prefix, module in M.parts(model, clip, vae).items():
             module.load_state_dict({k[len(prefix) + 1:]: v.float() for k, v in sd.items()
                                     if k.startswith(prefix + ".")}, strict=False)
-    train_vae(vae, decoder_steps, seed + 10 + 100 * stage, log=log)
+    train_vae(vae, decoder_steps, seed + 100 * stage, batch_size=decoder_batch, log=log)
     train_diffusion(model, clip, steps, seed + 20 + 100 * stage, batch_size=batch_size, log=log)
     return model, clip, vae
 
@@ -160,6 +179,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1200, help="UNet + text encoder steps")
     ap.add_argument("--decoder-steps", type=int, default=500, help="VAE steps")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--decoder-batch", type=int, default=16)
+    ap.add_argument("--channels", type=int, default=M.UNET["model_channels"], help="UNet width (model_channels)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine; the weights depend on it")
     ap.add_argument("--out", default=str(M.WEIGHTS))
@@ -167,12 +188,15 @@ def main() -> None:
     ap.add_argument("--stage", type=int, default=0, help="number of this run in a chain of --resume runs")
     args = ap.parse_args()
     t0 = time.time()
-    model, clip, vae = train(args.steps, args.decoder_steps, args.seed, args.batch, args.threads,
+    unet = {"model_channels": args.channels}
+    model, clip, vae = train(args.steps, args.decoder_steps, args.seed, args.batch, args.threads, unet=unet,
+                             decoder_batch=args.decoder_batch,
                              log=lambda s: print(s, flush=True), resume=args.resume, stage=args.stage)
     meta = {"made_by": "demo/train.py", "steps": str(args.steps), "decoder_steps": str(args.decoder_steps),
             "batch": str(args.batch), "seed": str(args.seed), "stage": str(args.stage),
             "resumed_from_sha256": _file_digest(args.resume) if args.resume else "",
-            "config": json.dumps({"unet": M.UNET, "text": M.TEXT, "vae": M.VAE})}
+            "decoder_batch": str(args.decoder_batch), "threads": str(args.threads),
+            "config": json.dumps({"unet": {**M.UNET, **unet}, "text": M.TEXT, "vae": M.VAE})}
     M.save(args.out, model, clip, vae, meta)
     print(f"wrote {args.out} in {time.time() - t0:.0f}s; weights sha256 {weights_digest(model, clip, vae)}")
 
