@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes_apply import ApplyTransportMaps
+from .nodes_demo import LoadShapesDemoModel
 from .nodes_files import LoadTransportMaps, SaveTransportMaps, register_folder
 from .nodes_learn import CollectActivations, FitTransportMaps
 from .nodes_prompts import ConceptPrompts, StylePrompts
@@ -13,7 +14,8 @@ from .nodes_view import InspectMaps, StrengthGrid, StrengthSweep
 class ActivationTransportExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [ConceptPrompts, StylePrompts, CollectActivations, FitTransportMaps, ApplyTransportMaps,
-                StrengthSweep, StrengthGrid, InspectMaps, SaveTransportMaps, LoadTransportMaps]
+                StrengthSweep, StrengthGrid, InspectMaps, SaveTransportMaps, LoadTransportMaps,
+                LoadShapesDemoModel]
 
 
 async def comfy_entrypoint() -> ActivationTransportExtension:

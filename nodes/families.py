@@ -66,11 +66,16 @@ def _sd2_resolution(model) -> int:
     return 768 if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else 512
 
 
+def _sd1_resolution(model) -> int:
+    # A model may say its own size: the shapes demo model draws 64 px pictures.
+    return getattr(model.model.model_config, "native_resolution", 512)
+
+
 FAMILIES: tuple[Family, ...] = (
     # Subclasses first: SDXL and SD2 variants share bases with the others.
     Family("SDXL", ("SDXL",), ("clip_l", "clip_g"), 1024, _sdxl_extras, pooled_from="clip_g"),
     Family("SD2.x", ("SD20",), ("clip_h",), _sd2_resolution),
-    Family("SD1.x", ("SD15",), ("clip_l",), 512),
+    Family("SD1.x", ("SD15",), ("clip_l",), _sd1_resolution),
     Family("SD3", ("SD3",), ("clip_l", "clip_g", "t5xxl"), 1024, _pooled_only,
            batched_text=False, steerable_text=False),
     Family("FLUX.1", ("Flux",), ("clip_l", "t5xxl"), 1024, _flux_extras,
