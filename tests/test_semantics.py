@@ -58,6 +58,20 @@ def test_training_script_is_deterministic():
     assert digest(1) != first
 
 
+def test_the_decoder_draws_what_a_latent_says():
+    """The committed VAE turns the latent of a held-out scene back into a picture the scorer reads as
+    that scene: shapes, colours, sizes, count and background (what prompt following is measured on)."""
+    import torch
+    from demo.tasks import follow_rates
+    _, _, vae = M.load()
+    scenes = shapes.held_out_scenes(64, seed=31)
+    latents = torch.from_numpy(np.stack([M.encode_scene(s) for s in scenes]))
+    with torch.no_grad():
+        pictures = ((vae.first_stage_model.decode(latents).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    rates = follow_rates([shapes.score(M.to_scene(p)) for p in pictures], scenes)
+    assert rates["all"] >= 0.9 and min(rates.values()) >= 0.9, rates
+
+
 def test_committed_weights_are_small_and_load_in_comfyui_classes():
     assert M.WEIGHTS.stat().st_size <= 25 * 2**20
     model, clip, vae = M.load()
