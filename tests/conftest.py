@@ -26,8 +26,7 @@ import comfy.cli_args  # noqa: E402
 comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: tests are CPU-only
 import torch  # noqa: E402
 
-# OMP_NUM_THREADS, when set, wins: more threads than free cores make small CPU ops a hundred times slower.
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(4, os.cpu_count() or 1))))
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 import comfy.model_management  # noqa: E402,F401
 import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py, not this pack's nodes/)
 
