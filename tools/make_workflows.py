@@ -306,10 +306,10 @@ SPECS[FLUX_TITLE] = {
         "collect": {"type": "ACTCollectActivations", "col": 1, "row": 1, "widgets": dict(FLUX_COLLECT),
                     "links": {"model": ["unet", 0], "clip": ["clip", 0], "source_prompts": ["prompts", 0],
                               "target_prompts": ["prompts", 1]}},
-        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 2, "links": {"activations": ["collect", 0]}},
-        "apply": {"type": "ACTApplyTransportMaps", "col": 2, "row": 0, "widgets": {"strength": 1.0},
+        "fit": {"type": "ACTFitTransportMaps", "col": 2, "row": 0, "links": {"activations": ["collect", 0]}},
+        "apply": {"type": "ACTApplyTransportMaps", "col": 2, "row": 1, "widgets": {"strength": 1.0},
                   "links": {"model": ["unet", 0], "clip": ["clip", 0], "maps": ["fit", 0]}},
-        "neg": {"type": "CLIPTextEncode", "col": 2, "row": 1, "widgets": {"text": ""}, "links": {"clip": ["apply", 1]}},
+        "neg": {"type": "CLIPTextEncode", "col": 2, "row": 2, "widgets": {"text": ""}, "links": {"clip": ["apply", 1]}},
         "pos": {"type": "CLIPTextEncode", "col": 3, "row": 0, "widgets": {"text": "a harbour full of fishing boats"},
                 "links": {"clip": ["apply", 1]}},
         "guidance": {"type": "FluxGuidance", "col": 3, "row": 1, "widgets": {"guidance": 3.5},
@@ -323,13 +323,12 @@ SPECS[FLUX_TITLE] = {
         "save": {"type": "SaveImage", "col": 4, "row": 1, "widgets": {"filename_prefix": "act_flux_style"},
                  "links": {"images": ["decode", 0]}},
     },
-    "notes": [("FLUX.1 schnell, real weights needed: flux1-schnell.safetensors in models/diffusion_models, "
+    "notes": [("FLUX.1 schnell (real weights needed): flux1-schnell.safetensors in models/diffusion_models, "
                "clip_l.safetensors and t5xxl_fp8_e4m3fn.safetensors in models/text_encoders, ae.safetensors in "
-               "models/vae (pick yours in the loaders). Learns impressionism in the transformer and both text "
-               "encoders (CLIP-L, T5), then dials it with 'strength'; schnell samples in 4 steps at cfg 1."
-               "\n\nFLUX.1 dev: load flux1-dev.safetensors, steps 20; FluxGuidance 3.5 applies (schnell ignores it)."
-               "\n\nSmaller GPU: batch_size 1 or 2 on Collect Activations gives the same maps with a lower peak; "
-               "where 'diffusion model' skips the text encoders' layer-by-layer fitting.", 0, 3)],
+               "models/vae. Learns a style in the transformer and both text encoders, then dials it with "
+               "'strength'."
+               "\n\nFLUX.1 dev: flux1-dev.safetensors, steps 20 (FluxGuidance 3.5 counts; schnell ignores it)."
+               "\n\nSmaller GPU: batch_size 1 or 2 (same maps).", 0, 3)],
 }
 
 
