@@ -269,6 +269,34 @@ def test_interrupting_collection_leaves_nothing_behind(pack, request, fixture):
     assert torch.equal(sample(model, clip), before)
 
 
+def test_interrupting_text_encoder_fitting_leaves_nothing_behind(pack, flux, both_by_family):
+    """An interrupt in a text-encoder pass of the layer-by-layer fitting (FLUX's T5) stops it cleanly."""
+    model, clip, _ = flux
+    activations = both_by_family["flux"][0]
+    before = conditioning(clip)
+    modules = pack.nodes.model_layers.clip_modules(clip)
+    victim = modules[[n for n in activations.order if n.startswith("t5xxl.")][2]]
+    calls = []
+
+    def interrupt(*_):
+        calls.append(1)
+        if len(calls) > 3:  # in the middle of a sweep, after some prompts went through
+            comfy.model_management.interrupt_current_processing(True)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+    handle = victim.register_forward_hook(interrupt)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            fit(pack, activations)
+    finally:
+        handle.remove()
+        comfy.model_management.interrupt_current_processing(False)
+    assert all_hooks(model.model, clip.cond_stage_model) == 0
+    assert not clip.patcher.object_patches and not clip.patcher.patches
+    after = conditioning(clip)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+
+
 def test_inspect_draws_the_chart_for_flux_maps(pack, maps_by_family):
     maps = maps_by_family["flux"]
     chart, summary = pack.nodes.nodes_view.InspectMaps.execute(maps).args
