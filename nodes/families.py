@@ -4,7 +4,7 @@ A family says how ComfyUI shows it (the comfy.supported_models config classes th
 subclasses that do not), which layers are steered when the user names none, what a collection pass
 must hand the diffusion model besides the prompt (pooled text embedding, image size, guidance), its
 native resolution and the text encoders its CLIP carries (TextEncoder: the attribute of ComfyUI's
-cond_stage_model, the key of its tokens, the class names of its normalization layers).
+cond_stage_model, the key of its tokens, its own normalization classes such as T5's T5LayerNorm).
 Adding a family is one Family(...) entry here plus its tiny test model in tests/make_models.py.
 """
 from __future__ import annotations
