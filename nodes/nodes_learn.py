@@ -44,9 +44,9 @@ class CollectActivations(io.ComfyNode):
                 io.Clip.Input("clip"),
                 io.String.Input("source_prompts", multiline=True, default="",
                                 tooltip="One prompt per line: what the model does now (e.g. captions with "
-                                        "'a pink elephant'). At least 8. Lines longer than the text encoder's "
-                                        "77-token window are split into chunks, as ComfyUI does; a prompt counts "
-                                        "as the mean over all its tokens."),
+                                        "'a pink elephant'). At least 8. Lines longer than CLIP's 77-token window "
+                                        "are split into chunks, as ComfyUI does (T5 on FLUX.1/SD3 takes a line "
+                                        "whole); a prompt counts as the mean over all its tokens."),
                 io.String.Input("target_prompts", multiline=True, default="",
                                 tooltip="One prompt per line: what it should do instead (the same captions "
                                         "without it, or with style tags). At least 8."),

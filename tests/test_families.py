@@ -220,6 +220,14 @@ def test_fused_text_encoder_maps_equal_exact(pack, request, both_by_family, fixt
         assert change > 0.1 and (fused[which] - exact[which]).abs().max().item() < 0.01 * change
 
 
+def test_both_on_flux_equals_the_layer_by_layer_reference(pack, both_by_family):
+    """The diffusion model's maps are fitted with the text-encoder maps already applied, as the
+    reference's one pass per layer has them."""
+    activations, maps = both_by_family["flux"]
+    reference = activations.collector.incremental(activations, "linear", "q_0_100", blocks="layers")
+    assert_same_maps(maps, reference, activations.order)
+
+
 def test_text_encoder_only_maps_equal_the_text_part_of_both(pack, flux, both_by_family):
     """The text encoders come first: what 'both' fits there does not depend on the diffusion model."""
     activations = collect(pack, *flux[:2], where="text encoder", source=SOURCE, target=TARGET)[0]
