@@ -1,7 +1,7 @@
 """The example workflows in the real frontend, driven in headless Chromium as a newcomer meets them: the
 template browser lists them in order with their thumbnails; each opens framed (every node inside the
 window), is shrunk for the CPU by changing widget values on the page, queued from the page, and finishes
-with images. Screenshots (and thumbnail candidates) go to test-output/ for people to look at."""
+with images (the FLUX template, which needs real FLUX weights, names the files it misses instead). Screenshots (and thumbnail candidates) go to test-output/ for people to look at."""
 from __future__ import annotations
 
 import os

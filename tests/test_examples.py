@@ -1,5 +1,6 @@
 """The example workflows: current with the node definitions, defaults that serve a real checkpoint, and
-each one runs on the real server (at small sizes set through the API, as a user on a slow machine would)."""
+each SD one runs on the real server (at small sizes set through the API, as a user on a slow machine
+would); the FLUX one, which needs real FLUX weights, is checked up to its model files."""
 from __future__ import annotations
 
 import json
