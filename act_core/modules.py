@@ -37,4 +37,7 @@ def output_dim(module: torch.nn.Module) -> int | None:
         return module.out_features
     if isinstance(module, torch.nn.Conv2d):
         return module.out_channels
+    if type(module).__name__.endswith("Norm") and isinstance(getattr(module, "weight", None), torch.Tensor) \
+            and module.weight.ndim == 1:
+        return module.weight.shape[0]  # RMS-style norms of other classes (T5LayerNorm, RMSNorm): a scale per feature
     return None

@@ -1,7 +1,8 @@
 """Collect pooled activations from a loaded ComfyUI model, and fit maps incrementally.
 
 Every pass goes through ComfyUI's own code: prompts are encoded by the CLIP's encode_from_tokens
-(all prompts of a batch as chunks of one call, one transformer batch), and the diffusion model is
+(all prompts of a batch as chunks of one call, one transformer batch; one call per prompt where the
+CLIP joins several encoders' token streams), and the diffusion model is
 called once through a CFGGuider at cfg 1 (so only the conditional branch runs), with the model's
 other patches (LoRAs, other packs) loaded as for sampling. Only pooled activations are kept:
 [samples, neurons] per layer, never feature maps.
@@ -17,7 +18,10 @@ with the maps of all earlier layers applied (all give the same maps):
     of it) and then the CPU's; about 1.6 passes' worth of model work;
   * layer by layer, the reference's schedule: one sweep over the batches per layer, truncated after
     it. The yardstick of tests and bench/estimation, and the fallback when the model's module
-    calls are patched (then replaying a module alone would not reproduce what a pass does).
+    calls are patched (then replaying a module alone would not reproduce what a pass does). Also
+    the schedule of the text encoders of families whose prompts are encoded one by one (FLUX, SD3;
+    families.Family.batched_text): those passes stop inside the text encoders, so they cost text
+    encoding only; the diffusion model then follows the schedules above.
 """
 from __future__ import annotations
 
@@ -108,16 +112,13 @@ class Collector:
         self.spec = family_of(model)
         self.family = self.spec.name
         text_encoder_names(clip)
-        if settings.where != "diffusion model" and not self.spec.steerable_text:
-            raise ActError(f"steering the text encoders of {self.family} models is not supported yet; "
-                           "set 'where' on Collect Activations to 'diffusion model'")
         self.model = model.clone()
         self.clip = clip.clone()
         self.settings = settings
         self.prompts = source + target
         self.n_source = len(source)
         self.levels = max(1, settings.noise_levels)
-        self.text_layers = (select_layers(clip_modules(clip), settings.pattern, self.spec.default_layers)
+        self.text_layers = (select_layers(clip_modules(clip), settings.pattern, self.spec.default_text_layer)
                             if settings.where in ("text encoder", "both") else {})
         self.unet_layers = (select_layers(unet_modules(model), settings.pattern, self.spec.default_layers)
                             if settings.where in ("diffusion model", "both") else {})
@@ -132,6 +133,7 @@ class Collector:
         self.passes = 0
         self.call_tree: CallTree | None = None
         self._conds_cache: dict[int, tuple] = {}
+        self._fired: set[str] = set()      # layers that ran in the current text-encoder or model call
 
     # ----- what the passes are made of -----
 
@@ -157,16 +159,14 @@ class Collector:
     def _encode(self, prompts: list[int], text_hooks: list) -> tuple[list[torch.Tensor], list]:
         """Encode prompts in one text-encoder batch; returns per-prompt conds and pooled outputs."""
         if not self.spec.batched_text:
-            # The CLIP joins several encoders' token streams (FLUX, SD3): one call per prompt keeps
-            # each prompt's tokens together; its own pooled output is the one the model expects.
-            self._chunk_owners(prompts)
-            encoded = [self.clip.encode_from_tokens(self.tokens[p], return_pooled=True) for p in prompts]
-            return [c for c, _ in encoded], [p.float().cpu() if p is not None else None for _, p in encoded]
+            return self._encode_one_by_one(prompts, text_hooks)
         merged: dict[str, list] = {}
         for p in prompts:
             for key, chunks in self.tokens[p].items():
                 merged.setdefault(key, []).extend(chunks)
-        owners = self._chunk_owners(prompts)
+        self._call_prompts = list(prompts)
+        owners = torch.tensor([local for local, p in enumerate(prompts)
+                               for _ in range(len(next(iter(self.tokens[p].values()))))])
         stage = self.clip.cond_stage_model
         pooled_from = (getattr(stage, self.spec.pooled_from, None) if self.spec.pooled_from else None) or \
             getattr(stage, text_encoder_names(self.clip)[0])
@@ -187,27 +187,40 @@ class Collector:
         pooled_list = [pooled[s:s + 1].float().cpu() if pooled is not None else None for s in first_chunk]
         return conds, pooled_list
 
-    def _chunk_owners(self, prompts: list[int]) -> torch.Tensor:
-        """Which prompt of the batch each text-encoder chunk belongs to (long prompts span chunks);
-        also makes this batch the one that text pooling refers to."""
-        owners: list[int] = []
-        for local, p in enumerate(prompts):
-            owners.extend([local] * len(next(iter(self.tokens[p].values()))))
-        self._chunk_owner = torch.tensor(owners)
-        self._chunk_prompts = len(prompts)
-        return self._chunk_owner
+    def _encode_one_by_one(self, prompts: list[int], text_hooks: list) -> tuple[list[torch.Tensor], list]:
+        """The CLIP joins several encoders' token streams (FLUX, SD3): one call per prompt keeps each
+        prompt's tokens together, as ComfyUI encodes a prompt, and its own pooled output is the one
+        the model expects. A pass truncated in the text encoder stops each prompt's call there."""
+        conds, pooled, truncated = [], [], False
+        for p in prompts:
+            self._call_prompts = [p]
+            self._fired.clear()
+            try:
+                with hooks_installed(text_hooks):
+                    cond, pool = self.clip.encode_from_tokens(self.tokens[p], return_pooled=True)
+            except _PassComplete:
+                truncated = True
+                continue
+            conds.append(cond)
+            pooled.append(pool.float().cpu() if pool is not None else None)
+        if truncated:
+            raise _PassComplete()
+        return conds, pooled
 
-    def _pool_text(self, output: torch.Tensor) -> torch.Tensor:
-        """Mean over each prompt's tokens (all its chunks) -> [prompts, neurons] float32."""
-        chunks = self._chunk_owner.shape[0]
-        if output.ndim != 3 or output.shape[0] < chunks:
+    def _pool_text(self, name: str, output: torch.Tensor) -> torch.Tensor:
+        """Mean over each prompt's tokens (all its chunks) in the current text-encoder call ->
+        [prompts, neurons] float32. The encoder's own chunks count: CLIP's 77-token chunks and T5's
+        one long chunk differ; a last row beyond them is the empty prompt ComfyUI adds for weights."""
+        key = self.spec.encoder(name).tokens
+        counts = torch.tensor([len(self.tokens[p].get(key, ())) for p in self._call_prompts])
+        chunks = int(counts.sum())
+        if output.ndim != 3 or output.shape[0] < chunks or not chunks:
             raise ActError(f"a text-encoder layer gave an output shaped {tuple(output.shape)}; choose layers "
                            "whose output is [batch, tokens, features] with the 'pattern' input")
+        owners = torch.repeat_interleave(torch.arange(len(counts)), counts).to(output.device)
         means = output[:chunks].float().mean(1)
-        sums = torch.zeros(self._chunk_prompts, means.shape[1], device=means.device).index_add_(
-            0, self._chunk_owner.to(means.device), means)
-        counts = torch.bincount(self._chunk_owner, minlength=self._chunk_prompts).to(means.device)
-        return (sums / counts[:, None]).cpu()
+        sums = torch.zeros(len(counts), means.shape[1], device=means.device).index_add_(0, owners, means)
+        return (sums / counts.to(means.device)[:, None]).cpu()
 
     def _unet_call(self, conds: list[torch.Tensor], pooled: list, unet_hooks: list, inside=None) -> None:
         """One call of the diffusion model on this batch through ComfyUI's sampler path; with
@@ -272,7 +285,7 @@ class Collector:
         for index, batch in enumerate(batches):
             comfy.model_management.throw_exception_if_processing_interrupted()
             self._batch_rows = self._rows(batch)
-            fired: set[str] = set()
+            self._fired.clear()
             recording = call_tree.recording() if call_tree is not None and index == 0 else contextlib.nullcontext()
             text_record = record & set(self.text_layers)
             text_apply = frozenset(n for n in self.text_layers if n in apply_maps)
@@ -284,7 +297,7 @@ class Collector:
                         conds, pooled = self._conds_cache[cache_key]
                     else:
                         text_hooks = [(m, self._hook(n, "text", record, apply_maps, fit_args, stop_after, result,
-                                                     fired, total))
+                                                     total))
                                       for n, m in self.text_layers.items()
                                       if n in text_record or n in text_apply or fit_args]
                         conds, pooled = self._encode(batch, text_hooks)
@@ -292,7 +305,7 @@ class Collector:
                             self._conds_cache[cache_key] = (conds, pooled)
                     if need_unet and self.unet_layers and (record & set(self.unet_layers) or fit_args):
                         unet_hooks = [(m, self._hook(n, "unet", record, apply_maps, fit_args, stop_after, result,
-                                                     fired, total))
+                                                     total))
                                       for n, m in self.unet_layers.items() if n in record or n in apply_maps or fit_args]
                         self._unet_call(conds, pooled, unet_hooks)
             except _PassComplete:
@@ -302,16 +315,16 @@ class Collector:
                 progress.update(1)
         return result
 
-    def _hook(self, name: str, part: str, record: set, apply_maps: dict, fit_args, stop_after, result, fired, total):
+    def _hook(self, name: str, part: str, record: set, apply_maps: dict, fit_args, stop_after, result, total):
         def hook(_module, _inputs, output):
             if not isinstance(output, torch.Tensor):
                 raise ActError(f"layer {name} does not output a tensor; leave it out with the 'pattern' input")
-            if name in fired:
+            if name in self._fired:
                 # One map cannot describe two calls with different inputs (SD2's final_layer_norm
                 # runs on the hidden layer and again for the pooled output): such layers are left out.
                 result["repeated"].add(name)
                 return output
-            fired.add(name)
+            self._fired.add(name)
             pooled, rows = self._pool(name, part, output)
             kind = "conv" if output.ndim == 4 else "token"
             result["kinds"][name] = kind
@@ -320,7 +333,8 @@ class Collector:
             if name in record:
                 self._record(result["samples"], name, part, pooled, rows, total)
             layer_map = apply_maps.get(name)
-            if fit_args is not None:
+            if layer_map is None and fit_args is not None:
+                # Only where this call holds every sample: a batched text call or the one-batch model call.
                 samples = pooled if part == "unet" else pooled.repeat_interleave(self.levels, 0)
                 is_source = (self._batch_rows // self.levels) < self.n_source
                 layer_map = fit_layer(samples[is_source], samples[~is_source], *fit_args, kind=kind)
@@ -336,8 +350,8 @@ class Collector:
         """Pooled activations [batch prompts (text) or samples (unet), neurons] on the CPU, and the
         rows of the sample table they belong to."""
         if part == "text":
-            pooled = self._pool_text(output)
-            rows = torch.tensor([p * self.levels for p in self._batch_prompts_from_rows()])
+            pooled = self._pool_text(name, output)
+            rows = torch.tensor([p * self.levels for p in self._call_prompts])
         else:
             pooled = (output.float().mean(dim=(2, 3)) if output.ndim == 4
                       else output.float().mean(1) if output.ndim == 3 else output.float()).cpu()
@@ -360,9 +374,6 @@ class Collector:
                 store[rows + lv] = pooled
         else:
             store[rows] = pooled
-
-    def _batch_prompts_from_rows(self) -> list[int]:
-        return (self._batch_rows[::self.levels] // self.levels).tolist()
 
     def _split(self, samples: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         cut = self.n_source * self.levels
@@ -415,27 +426,42 @@ class Collector:
         replay of units from their recorded inputs; both exact), "layers" (one sweep per layer, the
         reference's schedule, kept as the yardstick and as the fallback).
         """
+        if blocks not in ("auto", "layers"):
+            raise ActError(f"blocks must be 'auto' or 'layers', got {blocks!r}")
         order = activations.order
         batches = self.batches()
+        maps: dict[str, LayerMap] = {}
+        if blocks == "auto" and not self.spec.batched_text:
+            # Prompts go through these text encoders one by one: no call holds every sample at a
+            # layer, so their layers are fitted one at a time (text-encoder passes only, truncated
+            # after the layer); the diffusion model then follows the schedules below, those maps applied.
+            text = [n for n in order if not is_unet_layer(n)]
+            self._layer_by_layer(activations, text, maps, method, support, progress_factory)
+            order = order[len(text):]
+            if not order:
+                return maps
         if blocks == "auto" and len(batches) == 1:
             progress = progress_factory(1) if progress_factory else None
-            result = self._sweep(batches, set(), {}, (method, support), order[-1], progress)
-            return {n: result["maps"][n] for n in order}
+            result = self._sweep(batches, set(), dict(maps), (method, support), order[-1], progress)
+            return maps | {n: result["maps"][n] for n in order}
         if blocks == "auto":
             try:
                 progress = progress_factory(len(order)) if progress_factory else None
-                return _Replay(self, activations, method, support, progress).run()
+                return maps | _Replay(self, activations, order, maps, method, support, progress).run()
             except _Unreplayable as why:
                 log.warning("ComfyUI-ACT: %s; fitting layer by layer instead (exact, one pass per layer)", why)
-        elif blocks != "layers":
-            raise ActError(f"blocks must be 'auto' or 'layers', got {blocks!r}")
-        progress = progress_factory(len(order) * len(batches)) if progress_factory else None
-        maps: dict[str, LayerMap] = {}
-        for name in order:
+        self._layer_by_layer(activations, order, maps, method, support, progress_factory)
+        return maps
+
+    def _layer_by_layer(self, activations: Activations, names: list[str], maps: dict, method: str, support: str,
+                        progress_factory) -> None:
+        """The reference's schedule: one sweep per layer, truncated after it, earlier maps applied."""
+        batches = self.batches()
+        progress = progress_factory(len(names) * len(batches)) if progress_factory and names else None
+        for name in names:
             result = self._sweep(batches, {name}, dict(maps), None, name, progress)
             source, target = self._split(result["samples"])
             maps[name] = fit_layer(source[name], target[name], method, support, kind=activations.kinds[name])
-        return maps
 
 
 class CallTree:
@@ -644,7 +670,8 @@ class _Replay:
     schedule takes over.
     """
 
-    def __init__(self, collector: "Collector", activations: Activations, method: str, support: str, progress):
+    def __init__(self, collector: "Collector", activations: Activations, order: list[str], fitted: dict,
+                 method: str, support: str, progress):
         import comfy.patcher_extension
         c = collector
         if c.call_tree is None:
@@ -655,7 +682,8 @@ class _Replay:
         if patched or wrapped:
             raise _Unreplayable(f"the model's calls are patched ({(patched or ['a diffusion-model wrapper'])[0]})")
         self.c, self.kinds, self.fit_args, self.progress = c, activations.kinds, (method, support), progress
-        self.order = activations.order
+        self.order = order
+        self.fitted = fitted        # maps of earlier text-encoder layers, applied when encoding
         self.batches = c.batches()
         self.total = len(c.prompts) * c.levels
         self.maps: dict[str, LayerMap] = {}
@@ -713,16 +741,17 @@ class _Replay:
             self.conds = self._fit(self.roots["text"], none, need_output="unet" in self.roots)
         if "unet" in self.roots:
             if not self.conds:
-                self.conds = [_store(c._encode(batch, [])) for batch in self.batches]
+                modules = clip_modules(c.clip)
+                hooks = [(modules[n], lambda _m, _i, out, m=m: m.apply(out, 1.0)) for n, m in self.fitted.items()]
+                self.conds = [_store(c._encode(batch, hooks)) for batch in self.batches]
             self._fit(self.roots["unet"], none, need_output=False)
         return {n: self.maps[n] for n in self.order}
 
     def _select(self, b: int) -> None:
         """Make batch b the one that pooling refers to."""
         if b not in self.selections:
-            batch = self.batches[b]
-            self.selections[b] = (self.c._rows(batch), self.c._chunk_owners(batch), len(batch))
-        self.c._batch_rows, self.c._chunk_owner, self.c._chunk_prompts = self.selections[b]
+            self.selections[b] = self.c._rows(self.batches[b])
+        self.c._batch_rows, self.c._call_prompts = self.selections[b], list(self.batches[b])
 
     def _call(self, unit: _Unit, b: int, inputs: list):
         if unit.module is not None:

@@ -3,7 +3,8 @@
 A family says how ComfyUI shows it (the comfy.supported_models config classes that mean it, and the
 subclasses that do not), which layers are steered when the user names none, what a collection pass
 must hand the diffusion model besides the prompt (pooled text embedding, image size, guidance), its
-native resolution and the text encoders its CLIP carries (attribute names in cond_stage_model).
+native resolution and the text encoders its CLIP carries (TextEncoder: the attribute of ComfyUI's
+cond_stage_model, the key of its tokens, its own normalization classes such as T5's T5LayerNorm).
 Adding a family is one Family(...) entry here plus its tiny test model in tests/make_models.py.
 """
 from __future__ import annotations
@@ -44,10 +45,30 @@ def _flux_extras(pooled, resolution):
 
 
 @dataclass(frozen=True)
+class TextEncoder:
+    """A text encoder inside ComfyUI's CLIP. Its layers are named "<attribute>.<module path>" in maps
+    files, so a map always says which encoder it belongs to."""
+    attribute: str                              # of the CLIP's cond_stage_model: clip_l, clip_g, t5xxl
+    tokens: str                                 # key of its chunks in the tokenizer's output: l, g, t5xxl
+    norms: tuple[str, ...] = ()                 # its own normalization classes, beside torch's (by name)
+
+    def is_norm(self, module: torch.nn.Module) -> bool:
+        return isinstance(module, NORM_TYPES) or type(module).__name__ in self.norms
+
+
+CLIP_L = TextEncoder("clip_l", "l")
+CLIP_G = TextEncoder("clip_g", "g")
+CLIP_H = TextEncoder("clip_h", "h")
+# ComfyUI's T5 (comfy/text_encoders/t5.py) normalizes with its own RMS-style T5LayerNorm (a weight,
+# no bias): fused mode has no bias to fold into and runs these maps exactly.
+T5XXL = TextEncoder("t5xxl", "t5xxl", norms=("T5LayerNorm",))
+
+
+@dataclass(frozen=True)
 class Family:
     name: str                                   # as stored in maps files and shown to users
     configs: tuple[str, ...]                    # comfy.supported_models classes (subclasses included)
-    text_encoders: tuple[str, ...]              # attributes of the CLIP's cond_stage_model
+    text_encoders: tuple[TextEncoder, ...]      # those its CLIP may carry (a loader may leave some out)
     native_resolution: int | Callable           # pixels, or f(model) -> pixels
     extras: Callable = _no_extras               # f(pooled [samples, D], resolution) -> cond extras
     default_layers: Callable = norm_layers      # f(name, module) -> bool
@@ -55,10 +76,19 @@ class Family:
     pooled_from: str = ""                       # the encoder whose pooled output `extras` gets ("" = first)
     excluded: tuple[str, ...] = ()              # subclasses of `configs` that are another architecture
     # One text-encoder call for a whole batch works when the CLIP's output is one token stream per
-    # prompt chunk; FLUX and SD3 join several encoders' streams (CLIP then T5), so their prompts are
-    # encoded one by one.
+    # prompt chunk; FLUX and SD3 join several encoders' streams (CLIP then T5, whose prompts differ in
+    # length), so their prompts are encoded one by one, and their text-encoder maps are fitted one
+    # layer at a time (collection.Collector.incremental).
     batched_text: bool = True
-    steerable_text: bool = True                 # text-encoder layers can be collected and steered
+
+    def encoder(self, layer: str) -> TextEncoder:
+        """The text encoder a text-encoder layer name ("t5xxl.transformer...") belongs to."""
+        attribute = layer.split(".", 1)[0]
+        return next((e for e in self.text_encoders if e.attribute == attribute), TextEncoder(attribute, attribute))
+
+    def default_text_layer(self, name: str, module: torch.nn.Module) -> bool:
+        """The normalization layers of the text encoder that holds `name`."""
+        return self.encoder(name).is_norm(module)
 
 
 def _sd2_resolution(model) -> int:
@@ -73,13 +103,12 @@ def _sd1_resolution(model) -> int:
 
 FAMILIES: tuple[Family, ...] = (
     # Subclasses first: SDXL and SD2 variants share bases with the others.
-    Family("SDXL", ("SDXL",), ("clip_l", "clip_g"), 1024, _sdxl_extras, pooled_from="clip_g"),
-    Family("SD2.x", ("SD20",), ("clip_h",), _sd2_resolution),
-    Family("SD1.x", ("SD15",), ("clip_l",), _sd1_resolution),
-    Family("SD3", ("SD3",), ("clip_l", "clip_g", "t5xxl"), 1024, _pooled_only,
-           batched_text=False, steerable_text=False),
-    Family("FLUX.1", ("Flux",), ("clip_l", "t5xxl"), 1024, _flux_extras,
-           excluded=("Flux2", "FluxInpaint"), batched_text=False, steerable_text=False),
+    Family("SDXL", ("SDXL",), (CLIP_L, CLIP_G), 1024, _sdxl_extras, pooled_from="clip_g"),
+    Family("SD2.x", ("SD20",), (CLIP_H,), _sd2_resolution),
+    Family("SD1.x", ("SD15",), (CLIP_L,), _sd1_resolution),
+    Family("SD3", ("SD3",), (CLIP_L, CLIP_G, T5XXL), 1024, _pooled_only, batched_text=False),
+    Family("FLUX.1", ("Flux",), (CLIP_L, T5XXL), 1024, _flux_extras,
+           excluded=("Flux2", "FluxInpaint"), batched_text=False),
 )
 
 SUPPORTED_FAMILIES = tuple(f.name for f in FAMILIES)

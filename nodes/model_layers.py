@@ -36,7 +36,7 @@ def clip_modules(clip) -> dict[str, torch.nn.Module]:
 def text_encoder_names(clip) -> list[str]:
     """The text encoders inside a CLIP, as attribute names of its cond_stage_model."""
     stage = clip.cond_stage_model
-    known = dict.fromkeys(n for f in FAMILIES for n in f.text_encoders)
+    known = dict.fromkeys(e.attribute for f in FAMILIES for e in f.text_encoders)
     names = [n for n in known if isinstance(getattr(stage, n, None), torch.nn.Module)]
     if not names:
         raise ActError(f"the CLIP holds a {type(stage).__name__} text encoder, which ComfyUI-ACT does not support yet")

@@ -41,7 +41,8 @@ class ApplyTransportMaps(io.ComfyNode):
                                        "no cost per step, but support ranges are ignored and conv layers "
                                        "scale every pixel; falls back to exact for a partial window or branch."),
                 io.Clip.Input("clip", optional=True,
-                              tooltip="Connect the CLIP to also steer the text encoder when the maps include it."),
+                              tooltip="Connect the CLIP to also steer its text encoders when the maps include them "
+                                      "(CLIP-L/G/H; T5 on FLUX.1 and SD3)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP")],
         )

@@ -44,21 +44,25 @@ class CollectActivations(io.ComfyNode):
                 io.Clip.Input("clip"),
                 io.String.Input("source_prompts", multiline=True, default="",
                                 tooltip="One prompt per line: what the model does now (e.g. captions with "
-                                        "'a pink elephant'). At least 8. Lines longer than the text encoder's "
-                                        "77-token window are split into chunks, as ComfyUI does; a prompt counts "
-                                        "as the mean over all its tokens."),
+                                        "'a pink elephant'). At least 8. Lines longer than CLIP's 77-token window "
+                                        "are split into chunks, as ComfyUI does (T5 on FLUX.1/SD3 takes a line "
+                                        "whole); a prompt counts as the mean over all its tokens."),
                 io.String.Input("target_prompts", multiline=True, default="",
                                 tooltip="One prompt per line: what it should do instead (the same captions "
                                         "without it, or with style tags). At least 8."),
                 io.Combo.Input("where", options=list(WHERE), default=WHERE[0],
                                tooltip="Which part of the model to learn maps for. The paper steers the "
-                                       "diffusion model; adding the text encoder can help with concepts. FLUX.1 and "
-                                       "SD3: diffusion model only for now."),
+                                       "diffusion model; adding the text encoder can help with concepts. Text "
+                                       "encoders steered: CLIP-L (SD1.x), CLIP-H (SD2.x), CLIP-L + CLIP-G (SDXL), "
+                                       "CLIP-L + T5 (FLUX.1), CLIP-L + CLIP-G + T5 (SD3, those loaded). On FLUX.1 "
+                                       "and SD3 the text-encoder maps are fitted one layer at a time: one text "
+                                       "pass over the prompts per layer."),
                 io.Combo.Input("layers", options=list(PRESETS), default=PRESETS[0],
                                tooltip="normalization layers: every GroupNorm/LayerNorm output, as in the "
                                        "paper; on FLUX.1 and SD3 the norms before each block's attention and "
                                        "MLP, image and text streams apart (img_norm/txt_norm, x_block/"
-                                       "context_block). custom pattern: the modules whose names match 'pattern'."),
+                                       "context_block); in T5 its own T5LayerNorm. custom pattern: the modules "
+                                       "whose names match 'pattern' (text encoders: 'clip_l.', 'clip_g.', 't5xxl.')."),
                 io.String.Input("pattern", default="", optional=True,
                                 tooltip="Regular expression over module names such as "
                                         "'diffusion_model.output_blocks.*norm' (used with 'custom pattern')."),

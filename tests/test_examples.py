@@ -1,5 +1,6 @@
 """The example workflows: current with the node definitions, defaults that serve a real checkpoint, and
-each one runs on the real server (at small sizes set through the API, as a user on a slow machine would)."""
+each SD one runs on the real server (at small sizes set through the API, as a user on a slow machine
+would); the FLUX one, which needs real FLUX weights, is checked up to its model files."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,8 @@ import make_workflows  # noqa: E402
 pytestmark = pytest.mark.server
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
 USUAL_SAMPLERS = {"euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc"}
+# The SD templates run on the demo checkpoint; the FLUX one needs real FLUX weights (see make_workflows).
+SD_TEMPLATES = [title for title in make_workflows.SPECS if title != make_workflows.FLUX_TITLE]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,9 @@ def test_comfyui_lists_the_examples_as_templates_numbered_in_the_order_to_try_th
     templates = server.get("/api/workflow_templates")
     assert sorted(templates["ComfyUI-ACT"]) == sorted(make_workflows.SPECS)
     # The browser shows them in the server's directory order: the numbers say where to start.
-    assert [title.split(" - ")[0] for title in make_workflows.SPECS] == [f"ACT {i}" for i in range(1, 6)]
-    assert "style dial" in min(make_workflows.SPECS) and "load saved maps" in max(make_workflows.SPECS)
+    assert [title.split(" - ")[0] for title in make_workflows.SPECS] == [f"ACT {i}" for i in range(1, 7)]
+    assert "style dial" in min(make_workflows.SPECS) and "load saved maps" in sorted(make_workflows.SPECS)[4]
+    assert max(make_workflows.SPECS) == make_workflows.FLUX_TITLE  # the other family comes last
 
 
 @pytest.mark.parametrize("title", list(make_workflows.SPECS))
@@ -75,7 +79,7 @@ def test_every_node_type_exists_and_every_link_is_whole(object_info):
         assert "ds" not in workflow.get("extra", {}), path.name
 
 
-@pytest.mark.parametrize("title", list(make_workflows.SPECS))
+@pytest.mark.parametrize("title", SD_TEMPLATES)
 def test_example_defaults_serve_a_real_checkpoint_on_a_gpu(object_info, title):
     workflow = load(title)
     for collect in widgets(workflow, object_info, "ACTCollectActivations"):
@@ -96,7 +100,43 @@ def test_example_defaults_serve_a_real_checkpoint_on_a_gpu(object_info, title):
     assert len(slow) == 1 and len(slow[0]) < 3 * 110, "two or three lines on what to change for a slow machine"
 
 
-@pytest.mark.parametrize("title", list(make_workflows.SPECS))
+def test_flux_example_defaults_serve_flux_schnell_on_a_gpu(object_info):
+    workflow = load(make_workflows.FLUX_TITLE)
+    (collect,) = widgets(workflow, object_info, "ACTCollectActivations")
+    assert collect["resolution"] == 0 and collect["where"] == "both" and collect["noise_levels"] == 1
+    (builder,) = widgets(workflow, object_info, "ACTStylePrompts")
+    assert builder["count"] >= 64
+    (loader,) = widgets(workflow, object_info, "DualCLIPLoader")
+    assert loader["type"] == "flux" and "clip_l" in loader["clip_name1"] and "t5xxl" in loader["clip_name2"]
+    (unet,) = widgets(workflow, object_info, "UNETLoader")
+    assert "schnell" in unet["unet_name"]
+    (sampler,) = widgets(workflow, object_info, "KSampler")
+    assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (4, 1.0, "euler", "simple")
+    (latent,) = widgets(workflow, object_info, "EmptySD3LatentImage")  # FLUX's 16-channel latent
+    assert (latent["width"], latent["height"], latent["batch_size"]) == (1024, 1024, 1)
+    (guidance,) = widgets(workflow, object_info, "FluxGuidance")
+    assert guidance["guidance"] == 3.5
+    (note,) = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "Note"]
+    assert "schnell" in note and "FLUX.1 dev" in note and all(
+        name in note for files in make_workflows.FLUX_FILES.values() for name in files.values())
+
+
+def test_flux_example_queues_and_is_refused_only_for_its_missing_model_files(server, object_info):
+    """On an install without FLUX weights, ComfyUI checks the whole graph when it is queued: every value
+    but the four model file names is valid, and the refusal names those files, as a user sees it."""
+    import urllib.error
+    prompt = make_workflows.to_api_prompt(load(make_workflows.FLUX_TITLE), object_info)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        server.post("/prompt", {"prompt": prompt})
+    reply = json.loads(refused.value.read())
+    problems = {(prompt[node]["class_type"], error["extra_info"]["input_name"])
+                for node, found in reply["node_errors"].items() for error in found["errors"]}
+    assert problems == {(loader, name) for loader, files in make_workflows.FLUX_FILES.items() for name in files}
+    assert all("not in list" in e["message"].lower() or "value not in list" in e["details"].lower()
+               for found in reply["node_errors"].values() for e in found["errors"]), reply["node_errors"]
+
+
+@pytest.mark.parametrize("title", SD_TEMPLATES)
 def test_example_runs_to_images_at_small_sizes(server, object_info, title):
     prompt = make_workflows.with_inputs(make_workflows.to_api_prompt(load(title), object_info),
                                         make_workflows.SMALL_SIZES)

@@ -1,5 +1,7 @@
 """FLUX.1 and SD3 beside the SD families: collect, fit, apply (exact and fused), save and load, on tiny
-random-weight models built with ComfyUI's own classes, through the real nodes and KSampler."""
+random-weight models built with ComfyUI's own classes, through the real nodes and KSampler; in the
+diffusion model and in the text encoders these CLIPs carry (CLIP-L and T5 for FLUX.1, CLIP-L and
+CLIP-G for the SD3 model here, built without T5 as an SD3.5 checkpoint loaded without it)."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +12,7 @@ import torch
 
 import comfy.model_management
 import folder_paths
+import nodes as comfy_nodes
 from act_core import LayerMap, TransportMaps
 from conftest import sample as conftest_sample
 from test_exact_estimation import FALLBACK, assert_same_maps
@@ -35,6 +38,26 @@ def collect_small(pack, model, clip, **kw):
 def maps_by_family(pack, flux, sd3):
     return {fixture: fit(pack, collect_small(pack, *(flux if fixture == "flux" else sd3)[:2])[0])
             for fixture in ("flux", "sd3")}
+
+
+@pytest.fixture(scope="module")
+def both_by_family(pack, flux, sd3):
+    """Activations and incremental maps for text encoders and diffusion model, all prompts in one batch."""
+    found = {}
+    for fixture, (model, clip, _) in (("flux", flux), ("sd3", sd3)):
+        activations = collect(pack, model, clip, where="both", source=SOURCE, target=TARGET)[0]
+        found[fixture] = (activations, fit(pack, activations))
+    return found
+
+
+def text_part(maps):
+    return TransportMaps({n: m for n, m in maps.items() if not n.startswith("diffusion_model.")}, maps.info)
+
+
+def conditioning(clip, prompt="a photo of a garden with a pink elephant"):
+    """What CLIPTextEncode hands the sampler: the token stream and the pooled vector."""
+    (cond,) = comfy_nodes.CLIPTextEncode().encode(clip, prompt)
+    return cond[0][0], cond[0][1]["pooled_output"]
 
 
 def apply(pack, model, maps, strength=1.0, clip=None, mode="exact"):
@@ -66,17 +89,18 @@ def test_collect_and_fit_give_maps_for_the_norm_layers_of_both_token_streams(pac
 
 
 @pytest.mark.parametrize("fixture", ["flux", "sd3"])
-def test_incremental_in_batches_equals_the_one_batch_fit(pack, request, caplog, fixture):
+def test_incremental_in_batches_equals_the_one_batch_fit(pack, request, caplog, both_by_family, fixture):
     model, clip, _ = request.getfixturevalue(fixture)
-    whole = collect_small(pack, model, clip)[0]
-    reference = whole.collector.incremental(whole, "linear", "q_0_100", blocks="auto")
-    small = collect_small(pack, model, clip, batch_size=8)[0]
+    whole, reference = both_by_family[fixture]
+    small = collect(pack, model, clip, where="both", source=SOURCE, target=TARGET, batch_size=8)[0]
     assert len(small.collector.batches()) > 1
     with caplog.at_level(logging.WARNING, logger="comfyui_act"):
         maps = fit(pack, small)
-    # The replay of module calls handles these transformers; the layer-by-layer fallback is not needed.
+    # The text encoders go layer by layer (prompts are encoded one by one); in the diffusion model the
+    # replay of module calls handles these transformers: the layer-by-layer fallback is not needed.
     assert FALLBACK not in caplog.text
-    assert small.collector.passes < len(small.order)
+    text = sum(1 for n in small.order if not n.startswith("diffusion_model."))
+    assert small.collector.passes - text * len(small.collector.batches()) < len(small.order) - text
     assert_same_maps(maps, reference, whole.order)
 
 
@@ -141,10 +165,94 @@ def test_sd_maps_are_refused_on_flux(pack, sd15, flux):
         apply(pack, flux[0], maps)
 
 
-@pytest.mark.parametrize("where", ["text encoder", "both"])
-def test_text_encoder_steering_on_flux_is_refused_with_the_fix(pack, flux, where):
-    with pytest.raises(pack.nodes.model_layers.ActError, match="'where' on Collect Activations"):
-        collect(pack, *flux[:2], where=where, source=SOURCE, target=TARGET)
+@pytest.mark.parametrize("fixture, encoders", [("flux", {"clip_l", "t5xxl"}), ("sd3", {"clip_l", "clip_g"})])
+def test_both_maps_every_norm_of_each_text_encoder_named_by_its_encoder(pack, request, both_by_family, fixture,
+                                                                        encoders):
+    model, clip, _ = request.getfixturevalue(fixture)
+    _, maps = both_by_family[fixture]
+    text = text_part(maps)
+    assert {n.split(".", 1)[0] for n in text} == encoders
+    modules = pack.nodes.model_layers.clip_modules(clip)
+    norms = {n for n, m in modules.items() if type(m).__name__ in ("LayerNorm", "T5LayerNorm")}
+    assert set(text) == norms
+    if "t5xxl" in encoders:
+        # T5's own RMS norm (comfy/text_encoders/t5.py), before attention, before the MLP and at the end.
+        assert sum(type(modules[n]).__name__ == "T5LayerNorm" for n in text) == 5
+    assert any(n.startswith("diffusion_model.") for n in maps)
+    for name, layer in text.items():
+        assert layer.kind == "token" and layer.dim == pack.nodes.model_layers.output_dim(modules[name])
+
+
+@pytest.mark.parametrize("fixture", ["flux", "sd3"])
+def test_text_encoder_maps_dial_the_conditioning_and_the_image(pack, request, both_by_family, fixture):
+    model, clip, vae = request.getfixturevalue(fixture)
+    _, maps = both_by_family[fixture]
+    plain, plain_pooled = conditioning(clip)
+    distances = []
+    for strength in (0.0, 0.5, 1.0):
+        cond, pooled = conditioning(apply(pack, model, text_part(maps), strength, clip)[1])
+        if strength == 0.0:
+            assert torch.equal(cond, plain) and torch.equal(pooled, plain_pooled)
+        distances.append((cond - plain).pow(2).mean().sqrt().item())
+    assert distances[0] == 0 < distances[1] < distances[2], distances
+    # CLIP-L's pooled vector feeds both models' vector input: steered too.
+    assert not torch.equal(conditioning(apply(pack, model, text_part(maps), 1.0, clip)[1])[1], plain_pooled)
+    image = sample(model, clip, vae)
+    assert torch.equal(sample(*apply(pack, model, maps, 0.0, clip), vae), image)
+    assert not torch.equal(sample(*apply(pack, model, maps, 1.0, clip), vae), image)
+    assert torch.equal(conditioning(clip)[0], plain)  # the CLIP that went in is untouched
+
+
+@pytest.mark.parametrize("fixture", ["flux", "sd3"])
+def test_fused_text_encoder_maps_equal_exact(pack, request, both_by_family, fixture):
+    """Gaussian maps act on every element, so folding them into CLIP's LayerNorms changes nothing but the
+    rounding of the fp16 weights the folded values are stored in; T5's norm has no bias to fold into
+    and runs exactly."""
+    model, clip, _ = request.getfixturevalue(fixture)
+    activations, _ = both_by_family[fixture]
+    maps = text_part(fit(pack, activations, "at once", method="gaussian", support="all"))
+    exact_clip = apply(pack, model, maps, 0.7, clip)[1]
+    fused_clip = apply(pack, model, maps, 0.7, clip, mode="fused")[1]
+    assert fused_clip.patcher.patches  # something was folded
+    plain, exact, fused = conditioning(clip), conditioning(exact_clip), conditioning(fused_clip)
+    for which in (0, 1):  # token stream, pooled vector
+        change = (exact[which] - plain[which]).abs().max().item()
+        assert change > 0.1 and (fused[which] - exact[which]).abs().max().item() < 0.01 * change
+
+
+def test_both_on_flux_equals_the_layer_by_layer_reference(pack, both_by_family):
+    """The diffusion model's maps are fitted with the text-encoder maps already applied, as the
+    reference's one pass per layer has them."""
+    activations, maps = both_by_family["flux"]
+    reference = activations.collector.incremental(activations, "linear", "q_0_100", blocks="layers")
+    assert_same_maps(maps, reference, activations.order)
+
+
+def test_text_encoder_only_maps_equal_the_text_part_of_both(pack, flux, both_by_family):
+    """The text encoders come first: what 'both' fits there does not depend on the diffusion model."""
+    activations = collect(pack, *flux[:2], where="text encoder", source=SOURCE, target=TARGET)[0]
+    maps = fit(pack, activations)
+    assert all(not n.startswith("diffusion_model.") for n in maps)
+    assert_same_maps(maps, text_part(both_by_family["flux"][1]), activations.order)
+
+
+def test_flux_text_encoder_maps_save_load_and_steer_alike(pack, flux, both_by_family):
+    model, clip, _ = flux
+    maps = both_by_family["flux"][1]
+    path = pack.nodes.nodes_files.SaveTransportMaps.execute(maps, "test-families-flux-both", True).args[0]
+    try:
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+        loaded = pack.nodes.nodes_files.LoadTransportMaps.execute("test-families-flux-both.safetensors").args[0]
+    finally:
+        import os
+        os.remove(path)
+    # Each key says which encoder (or the diffusion model) its layer belongs to.
+    assert {k.split(".", 1)[0] for k in keys} == {"t5xxl", "clip_l", "diffusion_model"}, keys[:3]
+    assert loaded.family == "FLUX.1" and list(loaded) == list(maps)
+    assert torch.equal(conditioning(apply(pack, model, loaded, 1.0, clip)[1])[0],
+                       conditioning(apply(pack, model, maps, 1.0, clip)[1])[0])
 
 
 @pytest.mark.parametrize("fixture", ["flux", "sd3"])
@@ -167,6 +275,34 @@ def test_interrupting_collection_leaves_nothing_behind(pack, request, fixture):
     assert all_hooks(model.model, clip.cond_stage_model) == 0
     assert not model.object_patches and not model.patches
     assert torch.equal(sample(model, clip), before)
+
+
+def test_interrupting_text_encoder_fitting_leaves_nothing_behind(pack, flux, both_by_family):
+    """An interrupt in a text-encoder pass of the layer-by-layer fitting (FLUX's T5) stops it cleanly."""
+    model, clip, _ = flux
+    activations = both_by_family["flux"][0]
+    before = conditioning(clip)
+    modules = pack.nodes.model_layers.clip_modules(clip)
+    victim = modules[[n for n in activations.order if n.startswith("t5xxl.")][2]]
+    calls = []
+
+    def interrupt(*_):
+        calls.append(1)
+        if len(calls) > 3:  # in the middle of a sweep, after some prompts went through
+            comfy.model_management.interrupt_current_processing(True)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+    handle = victim.register_forward_hook(interrupt)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            fit(pack, activations)
+    finally:
+        handle.remove()
+        comfy.model_management.interrupt_current_processing(False)
+    assert all_hooks(model.model, clip.cond_stage_model) == 0
+    assert not clip.patcher.object_patches and not clip.patcher.patches
+    after = conditioning(clip)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
 
 
 def test_inspect_draws_the_chart_for_flux_maps(pack, maps_by_family):

@@ -282,6 +282,56 @@ SPECS = {
 }
 
 
+# FLUX.1-schnell in the files ComfyUI's own FLUX examples use (models/diffusion_models, text_encoders, vae).
+# No small FLUX loads through these loaders (their T5-XXL is built full size whatever the file holds), so
+# this template is checked up to its model files in CI and runs where the weights are.
+FLUX_FILES = {"UNETLoader": {"unet_name": "flux1-schnell.safetensors"},
+              "DualCLIPLoader": {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn.safetensors"},
+              "VAELoader": {"vae_name": "ae.safetensors"}}
+# schnell is sampled in 4 steps at cfg 1 (no negative pass); dev in about 20, guidance from FluxGuidance.
+FLUX_SAMPLER = {"steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
+FLUX_SIZE = 1024
+# The maps are the same at any batch size; 4 samples of FLUX at 1024 px keep a 24 GB card's peak low.
+FLUX_COLLECT = dict(COLLECT, batch_size=4)
+FLUX_TITLE = "ACT 6 - FLUX.1 schnell style dial (impressionism)"
+SPECS[FLUX_TITLE] = {
+    "nodes": {
+        "unet": {"type": "UNETLoader", "col": 0, "row": 0,
+                 "widgets": dict(FLUX_FILES["UNETLoader"], weight_dtype="default")},
+        "clip": {"type": "DualCLIPLoader", "col": 0, "row": 1,
+                 "widgets": dict(FLUX_FILES["DualCLIPLoader"], type="flux", device="default")},
+        "vae": {"type": "VAELoader", "col": 0, "row": 2, "widgets": dict(FLUX_FILES["VAELoader"])},
+        "prompts": {"type": "ACTStylePrompts", "col": 1, "row": 0,
+                    "widgets": {"style": "impressionism", "count": PROMPT_COUNT}},
+        "collect": {"type": "ACTCollectActivations", "col": 1, "row": 1, "widgets": dict(FLUX_COLLECT),
+                    "links": {"model": ["unet", 0], "clip": ["clip", 0], "source_prompts": ["prompts", 0],
+                              "target_prompts": ["prompts", 1]}},
+        "fit": {"type": "ACTFitTransportMaps", "col": 2, "row": 0, "links": {"activations": ["collect", 0]}},
+        "apply": {"type": "ACTApplyTransportMaps", "col": 2, "row": 1, "widgets": {"strength": 1.0},
+                  "links": {"model": ["unet", 0], "clip": ["clip", 0], "maps": ["fit", 0]}},
+        "neg": {"type": "CLIPTextEncode", "col": 2, "row": 2, "widgets": {"text": ""}, "links": {"clip": ["apply", 1]}},
+        "pos": {"type": "CLIPTextEncode", "col": 3, "row": 0, "widgets": {"text": "a harbour full of fishing boats"},
+                "links": {"clip": ["apply", 1]}},
+        "guidance": {"type": "FluxGuidance", "col": 3, "row": 1, "widgets": {"guidance": 3.5},
+                     "links": {"conditioning": ["pos", 0]}},
+        "latent": {"type": "EmptySD3LatentImage", "col": 3, "row": 2,
+                   "widgets": {"width": FLUX_SIZE, "height": FLUX_SIZE, "batch_size": 1}},
+        "decode": {"type": "VAEDecode", "col": 3, "row": 3, "links": {"samples": ["sampler", 0], "vae": ["vae", 0]}},
+        "sampler": {"type": "KSampler", "col": 4, "row": 0, "widgets": {"seed": 42, **FLUX_SAMPLER, "denoise": 1.0},
+                    "links": {"model": ["apply", 0], "positive": ["guidance", 0], "negative": ["neg", 0],
+                              "latent_image": ["latent", 0]}},
+        "save": {"type": "SaveImage", "col": 4, "row": 1, "widgets": {"filename_prefix": "act_flux_style"},
+                 "links": {"images": ["decode", 0]}},
+    },
+    "notes": [("FLUX.1 schnell (real weights needed): flux1-schnell.safetensors in models/diffusion_models, "
+               "clip_l.safetensors and t5xxl_fp8_e4m3fn.safetensors in models/text_encoders, ae.safetensors in "
+               "models/vae. Learns a style in the transformer and both text encoders, then dials it with "
+               "'strength'."
+               "\n\nFLUX.1 dev: flux1-dev.safetensors, steps 20 (FluxGuidance 3.5 counts; schnell ignores it)."
+               "\n\nSmaller GPU: batch_size 1 or 2 (same maps).", 0, 3)],
+}
+
+
 def write_all(object_info: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
