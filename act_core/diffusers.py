@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .maps import LayerMap, TransportMaps, check_strength, fit_layer
+from .maps import LayerMap, TransportMaps, check_strength, default_support, fit_layer
 from .modules import hooks_installed, output_dim
 
 __all__ = ["DiffusersSupportError", "TranslationError", "PipelineLayers", "to_diffusers_names", "to_pack_names",
@@ -608,11 +608,14 @@ def collect_activations(pipe, source_prompts: list[str], target_prompts: list[st
                        collector)
 
 
-def fit_maps(activations: Activations, method: str = "linear", support: str = "q_0_100",
+def fit_maps(activations: Activations, method: str = "linear", support: str | None = None,
              estimation: str = "incremental") -> TransportMaps:
-    """Maps keyed by the pack's layer names, with the pack's info: save_maps writes the file ComfyUI loads."""
+    """Maps keyed by the pack's layer names, with the pack's info: save_maps writes the file ComfyUI loads.
+
+    support: None = the method's default, as Fit Transport Maps' "method default"."""
     if estimation not in SCHEDULES:
         raise DiffusersSupportError(f"estimation must be one of {SCHEDULES}, got {estimation!r}")
+    support = default_support(method) if support is None else support
     if estimation == "at once":
         layers = {n: fit_layer(activations.source[n], activations.target[n], method, support, kind=activations.kinds[n])
                   for n in activations.order}

@@ -38,7 +38,7 @@ def load_pack():
 class Lab:
     """The shapes model, its scorer and the pack's nodes, ready for a few-line evaluation."""
 
-    def __init__(self, weights: str | Path = M.WEIGHTS, steps: int = 12, cfg: float = 4.0,
+    def __init__(self, weights: str | Path = M.WEIGHTS, steps: int = 12, cfg: float = 3.0,
                  sampler: str = "euler", scheduler: str = "normal"):
         M.import_comfy()
         import comfy.utils
@@ -100,7 +100,7 @@ class Lab:
 
     # -- steering with the pack's nodes --------------------------------------------------------------
     def fit(self, source: Sequence[str], target: Sequence[str], where: str = "both",
-            method: str = "linear", support: str = "q_0_100", estimation: str = "incremental",
+            method: str = "linear", support: str = "method default", estimation: str = "incremental",
             noise_levels: int = 1, batch_size: int = 64, seed: int = 0):
         """Collect Activations -> Fit Transport Maps on the shapes model; returns the MAPS."""
         learn = self.pack.nodes.nodes_learn

@@ -176,9 +176,9 @@ def test_each_method_has_its_form_and_default_support():
     a, b = samples(1, 30, 4), samples(2, 30, 4, 2.0, 1.0)
     forms = {m: fit_layer(a, b, m, kind="conv") for m in act_core.METHODS}
     assert {m: l.form for m, l in forms.items()} == {"linear": "mean", "gaussian": "pixel", "mean": "pixel"}
-    assert forms["linear"].gated and not forms["gaussian"].gated and not forms["mean"].gated
-    assert act_core.default_support("linear") == "q_0_100" and act_core.default_support("gaussian") == "all"
-    assert fit_layer(a, b, "gaussian", support="q_0_100").gated
+    assert not any(layer.gated for layer in forms.values())  # every method moves every value unless told
+    assert {m: act_core.default_support(m) for m in act_core.METHODS} == {"linear": "all", "gaussian": "all", "mean": "all"}
+    assert fit_layer(a, b, "gaussian", support="q_0_100").gated and fit_layer(a, b, "linear", support="q_0_100").gated
     # Mean-shift moves every pixel by the same amount as it moves the mean: both forms agree.
     shift = forms["mean"]
     x = samples(3, 2, 4 * 9).float().view(2, 4, 3, 3)
@@ -249,11 +249,13 @@ def test_maps_follow_the_weights_device_and_dtype_when_folding():
 
 
 def test_maps_act_on_the_activations_device():
-    layer = fit_layer(samples(1, 30, 6), samples(2, 30, 6, 2.0, 1.0), kind="conv")
+    layer = fit_layer(samples(1, 30, 6), samples(2, 30, 6, 2.0, 1.0), support="q_0_100", kind="conv")
     out = layer.apply(torch.empty(2, 6, 4, 4, device="meta", dtype=torch.float16), 1.0)
     assert out.device.type == "meta" and out.dtype == torch.float16
     a, b, lo, hi = layer.params(torch.device("meta"), -0.5)
     assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in (a, b, lo, hi))
+    ungated = fit_layer(samples(1, 30, 6), samples(2, 30, 6, 2.0, 1.0), kind="conv")
+    assert ungated.params(torch.device("meta"), 1.0)[2:] == (None, None)
 
 
 def test_fold_into_norm_matches_exact_ungated_map():
