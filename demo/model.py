@@ -31,7 +31,7 @@ TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
         "num_hidden_layers": 3, "projection_dim": 64}
 UNET = {"in_channels": 4, "out_channels": 4, "use_checkpoint": False, "image_size": 8,
         "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
-        "use_temporal_resblock": False, "model_channels": 32, "context_dim": TEXT["hidden_size"],
+        "use_temporal_resblock": False, "model_channels": 64, "context_dim": TEXT["hidden_size"],
         "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
         "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
         "adm_in_channels": None, "use_linear_in_transformer": False}

@@ -3,10 +3,15 @@
     COMFYUI_PATH=/path/to/ComfyUI python demo/train.py            # writes demo/shapes-sd1-tiny.safetensors
     python demo/train.py --steps 20 --decoder-steps 10 --out /tmp/x.safetensors   # a quick run
 
-Two phases. (1) The VAE learns to draw a 64 px picture from the fixed 8 x 8 latent of a scene (its
-encoder learns the fixed latent back). (2) The UNet and the CLIP text encoder learn together, from
-scratch, to denoise scene latents given the scene's caption (one caption in ten is dropped to the empty
-prompt, so classifier-free guidance works). Same seed, same thread count -> the same weights.
+Two phases. (1) The VAE decoder learns to draw a 64 px picture from the fixed 8 x 8 latent of a scene
+(demo/model.py encode_scene; the VAE's encoder is not trained). (2) The UNet and the CLIP text encoder
+learn together, from scratch, to denoise scene latents given the scene's caption (one caption in ten is
+dropped to the empty prompt, so classifier-free guidance works). Same seed, same thread count -> the
+same weights.
+
+The phases do not depend on each other, so they can run side by side, one per core:
+    python demo/train.py --steps 0 --out decoder.safetensors                 # phase 1 only
+    python demo/train.py --decoder-steps 0 --decoder-from decoder.safetensors   # phase 2, then phase 1's VAE
 """
 from __future__ import annotations
 
@@ -176,15 +181,17 @@ def _file_digest(path: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1200, help="UNet + text encoder steps")
-    ap.add_argument("--decoder-steps", type=int, default=500, help="VAE steps")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5000, help="UNet + text encoder steps")
+    ap.add_argument("--decoder-steps", type=int, default=3000, help="VAE decoder steps")
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--decoder-batch", type=int, default=16)
     ap.add_argument("--channels", type=int, default=M.UNET["model_channels"], help="UNet width (model_channels)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine; the weights depend on it")
     ap.add_argument("--out", default=str(M.WEIGHTS))
     ap.add_argument("--resume", help="go on training from this file (written by this script)")
+    ap.add_argument("--decoder-from", help="take the VAE from this file (a --steps 0 run of this script), "
+                                           "read when the training ends")
     ap.add_argument("--stage", type=int, default=0, help="number of this run in a chain of --resume runs")
     args = ap.parse_args()
     t0 = time.time()
@@ -192,6 +199,14 @@ def main() -> None:
     model, clip, vae = train(args.steps, args.decoder_steps, args.seed, args.batch, args.threads, unet=unet,
                              decoder_batch=args.decoder_batch,
                              log=lambda s: print(s, flush=True), resume=args.resume, stage=args.stage)
+    if args.decoder_from:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(args.decoder_from, "pt") as f:
+            args.decoder_steps = int(f.metadata()["decoder_steps"])
+            args.decoder_batch = int(f.metadata()["decoder_batch"])
+        vae.first_stage_model.load_state_dict({k[len("vae."):]: v.float() for k, v in load_file(args.decoder_from).items()
+                                               if k.startswith("vae.")})
     meta = {"made_by": "demo/train.py", "steps": str(args.steps), "decoder_steps": str(args.decoder_steps),
             "batch": str(args.batch), "seed": str(args.seed), "stage": str(args.stage),
             "resumed_from_sha256": _file_digest(args.resume) if args.resume else "",
