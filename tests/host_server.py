@@ -41,6 +41,10 @@ class Server:
             body = r.read()
             return json.loads(body) if body else None
 
+    def output_file(self, image: dict) -> Path:
+        """Where the server wrote an image that a history entry lists (SaveImage: the output folder)."""
+        return self.base / image.get("type", "output") / image.get("subfolder", "") / image["filename"]
+
     def run(self, prompt: dict, timeout: float = 300) -> dict:
         """Queue an API-format prompt and wait for its history entry."""
         prompt_id = self.post("/prompt", {"prompt": prompt})["prompt_id"]

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -47,8 +48,8 @@ def test_comfyui_lists_the_examples_as_templates_numbered_in_the_order_to_try_th
     templates = server.get("/api/workflow_templates")
     assert sorted(templates["ComfyUI-ACT"]) == sorted(make_workflows.SPECS)
     # The browser shows them in the server's directory order: the numbers say where to start.
-    assert [title.split(" - ")[0] for title in make_workflows.SPECS] == [f"ACT {i}" for i in range(1, 7)]
-    assert "style dial" in min(make_workflows.SPECS) and "load saved maps" in sorted(make_workflows.SPECS)[4]
+    assert [title.split(" - ")[0] for title in make_workflows.SPECS] == [f"ACT {i}" for i in range(len(make_workflows.SPECS))]
+    assert "shapes demo" in min(make_workflows.SPECS) and "load saved maps" in sorted(make_workflows.SPECS)[5]
     assert max(make_workflows.SPECS) == make_workflows.FLUX_TITLE  # the other family comes last
 
 
@@ -79,7 +80,11 @@ def test_every_node_type_exists_and_every_link_is_whole(object_info):
         assert "ds" not in workflow.get("extra", {}), path.name
 
 
-@pytest.mark.parametrize("title", SD_TEMPLATES)
+# Every SD template but the shapes demo is set up for a real checkpoint.
+FOR_REAL_CHECKPOINTS = [title for title in SD_TEMPLATES if "shapes demo" not in title]
+
+
+@pytest.mark.parametrize("title", FOR_REAL_CHECKPOINTS)
 def test_example_defaults_serve_a_real_checkpoint_on_a_gpu(object_info, title):
     workflow = load(title)
     for collect in widgets(workflow, object_info, "ACTCollectActivations"):
@@ -144,3 +149,26 @@ def test_example_runs_to_images_at_small_sizes(server, object_info, title):
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
     images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
     assert images
+
+
+def test_the_shapes_demo_template_shows_stripes_appear_as_it_ships(server, object_info):
+    """Queued exactly as the file is (no shrinking): the strength 0 picture has no stripes, the picture
+    at 1 and 1.5 has them, as the scorer reads the pixels. A second output keeps each strength's picture."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from demo import shapes
+    (title,) = [t for t in make_workflows.SPECS if "shapes demo" in t]
+    prompt = make_workflows.to_api_prompt(load(title), object_info)
+    (scale_id,) = [i for i, node in prompt.items() if node["class_type"] == "ImageScale"]
+    prompt["frames"] = {"class_type": "SaveImage", "inputs": {"images": [scale_id, 0], "filename_prefix": "act_test_frames"}}
+    entry = server.run(prompt, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    frames = entry["outputs"]["frames"]["images"]
+    (sweep,) = [node for node in prompt.values() if node["class_type"] == "ACTStrengthSweep"]
+    strengths = [float(s) for s in sweep["inputs"]["strengths"].split(",")]
+    assert len(frames) == len(strengths)
+    styles = {}
+    for strength, frame in zip(strengths, frames):
+        with Image.open(server.output_file(frame)) as image:
+            pixels = np.asarray(image.convert("RGB").resize((shapes.SIZE, shapes.SIZE), Image.BOX), np.float32) / 255
+        styles[strength] = shapes.score(pixels)["background"]
+    assert styles[0.0] != "striped" and styles[1.0] == styles[1.5] == "striped", styles

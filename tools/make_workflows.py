@@ -221,10 +221,62 @@ def _apply(strength, col: int = 2, row: int = 0) -> dict:
     return {"apply": {"type": "ACTApplyTransportMaps", "col": col, "row": row, "widgets": widgets, "links": links}}
 
 
+def _shapes_demo() -> dict:
+    """The one template that shows a visible effect on any machine in seconds: the shapes demo model
+    learns 'striped background' from 32 prompt pairs, and the grid shows the dial from 0 to 1.5."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from demo.tasks import TASKS
+    source, target = TASKS["style"].fit_prompts(SHAPES_PROMPT_COUNT)
+    model, clip = ["apply", 0], ["apply", 1]
+    return {
+        "ckpt": {"type": "ACTLoadShapesDemoModel", "col": 0, "row": 0},
+        "collect": {"type": "ACTCollectActivations", "col": 1, "row": 0,
+                    "widgets": {"source_prompts": "\n".join(source), "target_prompts": "\n".join(target),
+                                **COLLECT, "batch_size": 64},
+                    "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1]}},
+        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "links": {"activations": ["collect", 0]}},
+        "sweep": {"type": "ACTStrengthSweep", "col": 2, "row": 0, "widgets": {"strengths": "0, 0.5, 1, 1.5"}},
+        "apply": {"type": "ACTApplyTransportMaps", "col": 2, "row": 1,
+                  "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "maps": ["fit", 0], "strength": ["sweep", 0]}},
+        "pos": {"type": "CLIPTextEncode", "col": 3, "row": 0,
+                "widgets": {"text": "a large yellow circle and a small blue triangle"}, "links": {"clip": clip}},
+        "neg": {"type": "CLIPTextEncode", "col": 3, "row": 1, "widgets": {"text": ""}, "links": {"clip": clip}},
+        "latent": {"type": "EmptyLatentImage", "col": 3, "row": 2,
+                   "widgets": {"width": SHAPES_PIXELS, "height": SHAPES_PIXELS, "batch_size": 1}},
+        "sampler": {"type": "KSampler", "col": 4, "row": 0,
+                    "widgets": {"seed": 3, **SHAPES_SAMPLER, "denoise": 1.0},
+                    "links": {"model": model, "positive": ["pos", 0], "negative": ["neg", 0],
+                              "latent_image": ["latent", 0]}},
+        "decode": {"type": "VAEDecode", "col": 4, "row": 1, "links": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
+        "scale": {"type": "ImageScale", "col": 4, "row": 2, "links": {"image": ["decode", 0]},
+                  "widgets": {"upscale_method": "nearest-exact", "width": 4 * SHAPES_PIXELS,
+                              "height": 4 * SHAPES_PIXELS, "crop": "disabled"}},
+        "grid": {"type": "ACTStrengthGrid", "col": 5, "row": 0,
+                 "links": {"images": ["scale", 0], "strength": ["sweep", 0]}},
+        "savegrid": {"type": "SaveImage", "col": 5, "row": 1, "widgets": {"filename_prefix": "act_shapes_demo"},
+                     "links": {"images": ["grid", 0]}},
+    }
+
+
+# The shapes demo model (demo/): 64 px pictures, and the sampler settings its benchmark uses.
+SHAPES_PIXELS = 64
+SHAPES_SAMPLER = {"steps": 12, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal"}
+SHAPES_PROMPT_COUNT = 32
+
 # Numbered in the order people should meet them (the template browser lists them in directory order,
 # which a pack cannot choose). The note sits in the first column, where reading starts; the last column
 # stays short so that the editor's minimap, in the bottom right corner, covers no node.
 SPECS = {
+    "ACT 0 - try it in seconds (shapes demo model)": {
+        "nodes": _shapes_demo(),
+        "notes": [("Start here: this tiny model ships with the pack and draws coloured shapes on plain, "
+                   "striped, dotted or gradient backgrounds, 64 px. Collect Activations runs 32 prompts that name "
+                   "no background against the same prompts 'on a striped background'; the grid shows the "
+                   "dial: 0 = the model as it is, 1 = stripes. Runs in seconds, even on a CPU.\n\nChange the "
+                   "prompt on the top text box (colours: red, green, blue, yellow, purple, orange; shapes: "
+                   "circle, square, triangle, cross; small or large; 1 to 3 objects) or the strengths. The "
+                   "other templates do the same on real checkpoints.", 0, 1)],
+    },
     "ACT 1 - style dial (watercolor)": {
         "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "watercolor", "count": PROMPT_COUNT}})
         | _apply(0.7)
