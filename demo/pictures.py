@@ -1,4 +1,4 @@
-"""README pictures from the shapes model: a strength grid (style) and a removal comparison.
+"""README pictures from the shapes model: strength grids (style, an added background), a removal comparison.
 
     COMFYUI_PATH=... python demo/pictures.py docs/images
 Rows are held-out prompts (same seed along a row); pictures are shown at 2x with nearest-neighbour.
@@ -51,6 +51,17 @@ def main(folder: str) -> None:
         cols.append(lab.generate(task.prompts(scenes), seed=100, model=model, clip=clip))
     rows = [np.stack([c[i] for c in cols]) for i in range(len(scenes))]
     sheet([f"strength {s:g}" for s in strengths], rows).save(folder / "shapes-style-strengths.png")
+    print("\n".join(task.prompts(scenes)))
+
+    task = TASKS["add_dots"]
+    scenes = task.eval_scenes(4, seed=4321)
+    maps = lab.fit(*task.fit_prompts(64))
+    cols = []
+    for s in (0.0, 0.5, 0.75, 1.0):
+        model, clip = lab.steer(maps, s)
+        cols.append(lab.generate(task.prompts(scenes), seed=100, model=model, clip=clip))
+    rows = [np.stack([c[i] for c in cols]) for i in range(len(scenes))]
+    sheet([f"strength {s:g}" for s in (0.0, 0.5, 0.75, 1.0)], rows).save(folder / "shapes-add-dots.png")
     print("\n".join(task.prompts(scenes)))
 
     task = TASKS["remove_red"]

@@ -78,29 +78,26 @@ def test_committed_weights_are_small_and_load_in_comfyui_classes():
     assert type(model.model.model_config).__name__ == "SD15"
 
 
-# Floors below are regression guards at the level this model reaches (bench/semantics, 64 prompts:
-# background 91% (69% plain when no background is named), count 66%, colours 64%, shapes 20%; style 0% -> 73% at strength 1, 95% at 1.5);
-# the goals of the benchmark (90% and more) are reported there, not asserted here.
+# Floors are the goals of the benchmark at 32 prompts (bench/semantics measures them on 64: prompt
+# following 95-100% per attribute; style 0% at strength 0, 100% at 1, 95% of the prompted objects kept).
 
 def test_model_follows_held_out_prompts(style_untouched):
     scenes, found = style_untouched
-    assert np.mean([f["background"] == "plain" for f in found]) >= 0.6  # measured 0.69 on 32
-    assert np.mean([f["count"] == len(s["objects"]) for f, s in zip(found, scenes)]) >= 0.4
-    colours = np.mean([sorted(o["colour"] for o in f["objects"]) == sorted(o["colour"] for o in s["objects"])
-                       for f, s in zip(found, scenes)])
-    assert colours >= 0.4
+    assert np.mean([f["background"] == "plain" for f in found]) >= 0.9  # no background named: plain
+    assert np.mean([f["count"] == len(s["objects"]) for f, s in zip(found, scenes)]) >= 0.85
+    for key in ("colour", "shape", "size"):
+        rate = np.mean([sorted(o[key] for o in f["objects"]) == sorted(o[key] for o in s["objects"])
+                        for f, s in zip(found, scenes)])
+        assert rate >= 0.85, f"{key}s as prompted in {rate:.0%} of pictures"
 
 
-def test_style_appears_with_strength(lab, style_untouched):
+def test_style_appears_with_strength_and_the_prompt_survives(lab, style_untouched):
     task = TASKS["style"]
     scenes, found0 = style_untouched
     presence0, _ = task.measure(found0, scenes)
-    maps = lab.fit(*task.fit_prompts(64))
-    presence = {}
-    for strength in (1.0, 1.5):
-        model, clip = lab.steer(maps, strength)
-        presence[strength] = task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip)),
-                                          scenes)[0]
+    maps = lab.fit(*task.fit_prompts(64))  # the nodes' defaults: Linear-AcT, incremental, support all
+    model, clip = lab.steer(maps, 1.0)
+    presence, kept = task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip)), scenes)
     assert presence0 <= 0.2
-    assert presence[1.0] >= 0.5, f"striped in {presence[1.0]:.0%} of pictures at strength 1"
-    assert presence[1.5] >= 0.8 and presence[1.5] >= presence[1.0], presence
+    assert presence >= 0.8, f"striped in {presence:.0%} of pictures at strength 1"
+    assert kept >= 0.8, f"the prompted objects kept in {kept:.0%} of pictures at strength 1"
