@@ -101,6 +101,24 @@ def _shapes_kept(found: dict, scene: dict) -> bool:
     return sorted(o["shape"] for o in found["objects"]) == sorted(o["shape"] for o in scene["objects"])
 
 
+def _has_shape(shape: str) -> Callable[[dict], bool]:
+    return lambda scene: any(o["shape"] == shape for o in scene["objects"])
+
+
+def _reshaped(shape: str) -> Callable[[dict, int], str]:
+    rest = [s for s in shapes.SHAPES if s != shape]
+
+    def target(scene: dict, i: int) -> str:
+        objs = [dict(o, shape=rest[i % len(rest)]) if o["shape"] == shape else o for o in scene["objects"]]
+        return shapes.caption(objs, "plain", say_plain=False)
+    return target
+
+
+def _colours_kept(found: dict, scene: dict) -> bool:
+    """Count and colours as prompted (shapes may change: that is what removal of a shape does)."""
+    return sorted(o["colour"] for o in found["objects"]) == sorted(o["colour"] for o in scene["objects"])
+
+
 TASKS = {
     "style": Task(
         "style", "plain -> striped background; prompts never name a background",
@@ -113,6 +131,11 @@ TASKS = {
         scene_filter=_has("red"), source=_plain, target=_recoloured("red"),
         present=lambda f, s: any(o["colour"] == "red" for o in f["objects"]),
         kept=_shapes_kept, concept="red"),
+    "remove_cross": Task(
+        "remove_cross", "remove crosses from prompts that ask for one",
+        scene_filter=_has_shape("cross"), source=_plain, target=_reshaped("cross"),
+        present=lambda f, s: any(o["shape"] == "cross" for o in f["objects"]),
+        kept=_colours_kept, concept="cross"),
     "add_dots": Task(
         "add_dots", "add a dotted background to prompts of one object that never mention it",
         scene_filter=lambda s: len(s["objects"]) == 1, source=_plain,
