@@ -48,10 +48,10 @@ import hashlib
 import logging
 import math
 import re
-from dataclasses import dataclass, field
 
 import torch
 
+from .activations import Activations
 from .maps import LayerMap, TransportMaps, check_strength, default_support, fit_layer
 from .modules import hooks_installed, output_dim
 
@@ -398,22 +398,6 @@ def _digest(source: list[str], target: list[str]) -> str:
 
 class _PassComplete(Exception):
     """Raised by a hook once the last layer a truncated pass needs has run."""
-
-
-@dataclass
-class Activations:
-    """Pooled activations per pack layer name, in execution order: source[layer] [prompts, neurons]."""
-
-    source: dict[str, torch.Tensor]
-    target: dict[str, torch.Tensor]
-    kinds: dict[str, str]
-    family: str
-    info: dict
-    collector: "_Collector" = field(repr=False)
-
-    @property
-    def order(self) -> list[str]:
-        return list(self.source)
 
 
 class _Collector:

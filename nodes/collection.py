@@ -32,11 +32,12 @@ import math
 import sys
 import weakref
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..act_core import LayerMap, TransportMaps, fit_layer
+from ..act_core.activations import Activations
 from .errors import ActError
 from .families import family_of, native_resolution
 from .model_layers import WHERE, clip_modules, is_unet_layer, select_layers, text_encoder_names, unet_modules
@@ -72,33 +73,6 @@ def prompts_digest(source: list[str], target: list[str]) -> str:
 
 class _PassComplete(Exception):
     """Raised by a hook once the last layer a truncated pass needs has run."""
-
-
-@dataclass
-class Activations:
-    """Pooled activations of the source and target prompts, per layer, in model order.
-
-    source[layer]: [source prompts x noise levels, neurons] float32; target likewise.
-    """
-
-    source: dict[str, torch.Tensor]
-    target: dict[str, torch.Tensor]
-    kinds: dict[str, str]
-    family: str
-    info: dict
-    collector: "Collector" = field(repr=False)
-
-    @property
-    def order(self) -> list[str]:
-        return list(self.source)
-
-    def summary(self) -> str:
-        neurons = sum(t.shape[1] for t in self.source.values())
-        text = sum(1 for n in self.source if not n.startswith("diffusion_model."))
-        first = next(iter(self.source.values()), None)
-        samples = (first.shape[0], next(iter(self.target.values())).shape[0]) if first is not None else (0, 0)
-        return (f"{self.family}: {len(self.source)} layers ({text} text encoder, {len(self.source) - text} "
-                f"diffusion model), {neurons} neurons; {samples[0]} source and {samples[1]} target samples")
 
 
 class Collector:
