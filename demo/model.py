@@ -67,11 +67,21 @@ def seeded_init(module: torch.nn.Module, seed: int) -> None:
                 p.zero_()
 
 
-def build(seed: int = 0, text_dtype=None, unet: dict | None = None):
+def seeded_vae_weights(seed: int) -> dict[str, torch.Tensor]:
+    """A full state dict of seeded random VAE weights, in the layout of ComfyUI's AutoencoderKL."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    module = AutoencoderKL(**VAE["params"])
+    seeded_init(module, seed)
+    return module.state_dict()
+
+
+def build(seed: int = 0, text_dtype=None, unet: dict | None = None,
+          vae_weights: dict[str, torch.Tensor] | None = None):
     """(MODEL, CLIP, VAE) with seeded random weights, in ComfyUI's own classes.
 
     text_dtype: None keeps ComfyUI's choice (fp16 on CPU); training needs torch.float32.
     unet: changes to the UNet configuration (UNET), e.g. {"model_channels": 64}.
+    vae_weights: the VAE's state dict (from the shipped file); None gives seeded random weights.
     """
     import_comfy()
     import comfy.model_management
@@ -95,8 +105,9 @@ def build(seed: int = 0, text_dtype=None, unet: dict | None = None):
         emb = clip.cond_stage_model.clip_l.transformer.text_model.embeddings
         emb.token_embedding.weight.mul_(0.02 * np.sqrt(TEXT["hidden_size"]))
         emb.position_embedding.weight.mul_(0.01 * np.sqrt(TEXT["hidden_size"]))
-    vae = comfy.sd.VAE(sd={}, config=VAE)
-    seeded_init(vae.first_stage_model, seed + 2)
+    # ComfyUI's VAE warns about every key its state dict lacks (an empty one: a 6,000-character
+    # "Missing VAE keys" line), so it is always handed a complete one.
+    vae = comfy.sd.VAE(sd=seeded_vae_weights(seed + 2) if vae_weights is None else vae_weights, config=VAE)
     return model, clip, vae
 
 
@@ -122,12 +133,13 @@ def load(path: str | os.PathLike = WEIGHTS):
         raise FileNotFoundError(f"no shapes model at {path}; make it with: python demo/train.py")
     with safe_open(str(path), "pt") as f:
         config = json.loads((f.metadata() or {}).get("config", "{}"))
-    model, clip, vae = build(0, unet=config.get("unet"))
-    model.model.model_config.native_resolution = PIXELS  # what resolution 0 on Collect Activations means
     sd = load_file(str(path))
+    weights = {prefix: {k[len(prefix) + 1:]: v.float() for k, v in sd.items() if k.startswith(prefix + ".")}
+               for prefix in ("unet", "text", "vae")}
+    model, clip, vae = build(0, unet=config.get("unet"), vae_weights=weights["vae"])
+    model.model.model_config.native_resolution = PIXELS  # what resolution 0 on Collect Activations means
     for prefix, module in parts(model, clip, vae).items():
-        own = {k[len(prefix) + 1:]: v.float() for k, v in sd.items() if k.startswith(prefix + ".")}
-        missing, unexpected = module.load_state_dict(own, strict=False)
+        missing, unexpected = module.load_state_dict(weights[prefix], strict=False)
         missing = [k for k in missing if "position_ids" not in k]
         if missing or unexpected:
             raise ValueError(f"{path} does not fit the shapes model ({prefix}): missing {missing[:3]}, "
