@@ -427,16 +427,16 @@ def test_maps_of_another_family_are_refused(pack, request):
             pass
 
 
-# ----- the README example -----
+# ----- the documented example (docs/diffusers.md, linked from the README) -----
 
-def test_readme_example_runs(request, tmp_path, monkeypatch):
-    text = (PACK_DIR / "README.md").read_text()
-    section = text.split("## Use the maps in diffusers", 1)[1]
+def test_readme_diffusers_example_runs(request, tmp_path, monkeypatch):
+    text = (PACK_DIR / "docs" / "diffusers.md").read_text()
+    section = text.split("# Use the maps in diffusers", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     pipe = pipeline_for(request, "sd15", "SD1.x")
     monkeypatch.chdir(tmp_path)
     namespace = {"pipe": pipe}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/diffusers.md", "exec"), namespace)
     image = namespace["image"]
     assert image.size == (RESOLUTION, RESOLUTION)
     assert load_maps(tmp_path / "watercolor.safetensors").family == "SD1.x"
