@@ -22,6 +22,10 @@ if not (COMFY_DIR / "main.py").exists():
 sys.path.insert(0, str(COMFY_DIR))
 
 import comfy.cli_args  # noqa: E402
+import comfyui_version  # noqa: E402
+
+# Where the hosts differ, tests name the version they expect a behaviour from.
+COMFY_VERSION = comfyui_version.__version__
 
 comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: tests are CPU-only
 import torch  # noqa: E402
@@ -87,6 +91,16 @@ def sample(model, clip, vae=None, prompt="a house on a hill", seed=7, steps=4, s
         return out["samples"]
     (image,) = comfy_nodes.VAEDecode().decode(vae, out)
     return image
+
+
+def patch_state(model, clip) -> dict:
+    """What the pack must leave as it found it on a MODEL and a CLIP: their object patches (by name and
+    object) and weight patches. Tests compare it with the state before a node ran, not with nothing: a
+    CLIP from ComfyUI 0.33 carries ComfyUI's own object patch `manual_cast_dtype` from the start (0.3.75's
+    carries none)."""
+    return {"model object patches": {k: id(v) for k, v in model.object_patches.items()},
+            "clip object patches": {k: id(v) for k, v in clip.patcher.object_patches.items()},
+            "model weight patches": sorted(model.patches), "clip weight patches": sorted(clip.patcher.patches)}
 
 
 @pytest.fixture(scope="session")

@@ -77,14 +77,35 @@ def unet_config(family: str, thin: bool = False) -> dict:
                 "context_embedder_config": {"target": "torch.nn.Linear",
                                             "params": {"in_features": 4096, "out_features": 128}}}
     elif family == "FLUX":
-        # Two double-stream and two single-stream blocks; the context is T5's output, the vector
-        # input CLIP-L's pooled output (not projected, as ComfyUI's FLUX CLIP gives it).
-        return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
-                "vec_in_dim": TINY_CLIP["hidden_size"], "context_in_dim": TINY_T5["d_model"], "hidden_size": 64,
-                "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 12, 12],
-                "theta": 10000, "qkv_bias": True, "guidance_embed": True}
+        return flux_config()
     else:
         raise ValueError(f"no test model for family {family!r}")
+    return cfg
+
+
+def flux_config() -> dict:
+    """A tiny FLUX.1: two double-stream and two single-stream blocks, hidden size 64.
+
+    The context is T5's output, the vector input CLIP-L's pooled output (not projected, as ComfyUI's
+    FLUX CLIP gives it). The configuration is what this host's own detection reads from a FLUX.1
+    checkpoint of these shapes (only the keys detection looks at, as shapes without memory), so
+    options that later ComfyUI versions added (0.33's `txt_ids_dims`, `yak_mlp`, ...) take the values
+    the host gives a real FLUX.1 file. Detection hard-codes the full-size attention layout (24 heads of
+    128 over axes 16/56/56, MLP ratio 4), which the keys do not carry: that part is set here.
+    """
+    import comfy.model_detection
+    hidden, patch, channels, head_dim = 64, 2, 16, 32
+    shapes = {"img_in.weight": (hidden, channels * patch * patch), "txt_in.weight": (hidden, TINY_T5["d_model"]),
+              "vector_in.in_layer.weight": (hidden, TINY_CLIP["hidden_size"]),
+              "guidance_in.in_layer.weight": (hidden, 256)}
+    for i in range(2):
+        shapes[f"double_blocks.{i}.img_attn.norm.key_norm.scale"] = (head_dim,)
+        shapes[f"single_blocks.{i}.norm.key_norm.scale"] = (head_dim,)
+    signature = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    cfg = comfy.model_detection.detect_unet_config(signature, "")
+    if cfg is None or cfg.get("image_model") != "flux":
+        raise RuntimeError(f"this ComfyUI does not detect a FLUX.1 checkpoint from its keys: {cfg}")
+    cfg.update(axes_dim=[8, 12, 12], num_heads=hidden // head_dim, mlp_ratio=2.0)
     return cfg
 
 
@@ -171,6 +192,22 @@ def tiny_model(family: str = "SD15", seed: int = 0):
     return model, build_clip(cfg, family, seed), build_vae(seed, channels=cfg.latent_format.latent_channels)
 
 
+def checkpoint_state_dict(model, clip, vae) -> dict:
+    """The keys and tensors of a full checkpoint (UNet, CLIP, VAE) as this ComfyUI saves one.
+
+    ComfyUI 0.3.75 builds it on the model (`BaseModel.state_dict_for_saving(clip_sd, vae_sd, ...)`);
+    later versions moved that to the ModelPatcher and made the model's method take the UNet's state
+    dict first, so the old call silently writes a checkpoint without a UNet. Use whichever this host has,
+    as its own CheckpointSave does, and return plain CPU tensors (newer hosts hand out lazily cast ones).
+    """
+    if hasattr(model, "state_dict_for_saving"):
+        clip_sd = clip.state_dict_for_saving() if hasattr(clip, "state_dict_for_saving") else clip.get_sd()
+        sd = model.state_dict_for_saving(clip_sd, vae.get_sd(), None)
+    else:
+        sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    return {k: v.to("cpu").detach().clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+
+
 def write_thin_sd15(folder: str | os.PathLike, seed: int = 0, name: str = THIN_SD15_NAME) -> Path:
     """Write (once) a fp16 SD1.5-detected checkpoint with random weights; returns its path."""
     import comfy.utils
@@ -182,7 +219,7 @@ def write_thin_sd15(folder: str | os.PathLike, seed: int = 0, name: str = THIN_S
     model, cfg = build_model("SD15", seed, thin=True)
     clip = build_clip(cfg, "SD15", seed, full_size=True)
     vae = build_vae(seed, full_size=True)
-    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    sd = checkpoint_state_dict(model, clip, vae)
     sd = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
     partial = path.with_suffix(".partial")
     comfy.utils.save_torch_file(sd, str(partial), metadata={"comfyui_act": "random weights, for demos and tests"})

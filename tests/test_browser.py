@@ -15,12 +15,22 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import make_workflows  # noqa: E402
+from conftest import COMFY_VERSION  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WINDOW = {"width": 1920, "height": 1080}  # a common desktop window
 SMALL_WINDOW = {"width": 1280, "height": 800}  # a laptop
 PACK = "ComfyUI-ACT"
+# The template browser and error dialogs: a PrimeVue `.p-dialog` on 0.3.75's frontend (1.32), a plain
+# element on 0.33's (1.49). Both carry the ARIA role a screen reader announces, which is what is found.
+DIALOG = '[role="dialog"]'
+# How the frontend reports a graph it refuses or a run that failed. 0.3.75's opens a dialog with the
+# message. 0.33's checks the model files as soon as a graph opens, and reports in a notice over the
+# graph's top right corner ("4 errors found", View details, Close) whose View details opens the Errors
+# tab of the side panel. Other versions: whichever of the two appears.
+ERRORS_REPORTED_IN = {"0.3.75": "dialog", "0.33.0": "notice"}.get(COMFY_VERSION)
+NOTICE = '[data-testid="error-overlay"]'
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +72,47 @@ def open_template_browser(page) -> None:
     page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
     page.get_by_role("button", name=PACK).click()
     for title in make_workflows.SPECS:
-        page.locator(".p-dialog").get_by_text(title, exact=True).first.wait_for(timeout=30_000)
+        page.locator(DIALOG).get_by_text(title, exact=True).first.wait_for(timeout=30_000)
     page.wait_for_timeout(1000)
 
 
 def open_template(page, title: str) -> None:
-    """Open a template the way a user does: Templates, the pack's group, a click on the card."""
+    """Open a template the way a user does: Templates, the pack's group, a click on the card. A frontend
+    that checks the model files on opening (0.33's) names the FLUX template's missing ones in a notice
+    over the graph: that is read and closed, as a user does; an SD template opens without one."""
     open_template_browser(page)
-    page.locator(".p-dialog").get_by_text(title, exact=True).first.click()
+    page.locator(DIALOG).get_by_text(title, exact=True).first.click()
     page.wait_for_function("(n) => (window.app.graph.nodes || window.app.graph._nodes).length === n",
                            arg=_node_count(title), timeout=30_000)
     page.wait_for_timeout(1500)  # the view is fitted on the next animation frame
+    notice = page.locator(NOTICE)
+    if title == make_workflows.FLUX_TITLE and ERRORS_REPORTED_IN == "notice":
+        notice.wait_for(timeout=30_000)
+        assert f"{_missing_file_count()} errors found" in notice.inner_text()
+        notice.get_by_test_id("error-overlay-dismiss").click()
+        notice.wait_for(state="detached", timeout=10_000)
+    assert notice.count() == 0, notice.all_inner_texts()
+
+
+def _missing_file_count() -> int:
+    return sum(len(files) for files in make_workflows.FLUX_FILES.values())
+
+
+def error_report(page) -> str:
+    """The text a user reads about a refused or failed run: the dialog's, or the notice's and then the
+    side panel's Errors tab that its View details opens (see ERRORS_REPORTED_IN)."""
+    shown = page.locator(f"{DIALOG}:visible, {NOTICE}:visible").last
+    shown.wait_for(timeout=30_000)
+    if shown.get_attribute("data-testid") != "error-overlay":
+        assert ERRORS_REPORTED_IN in (None, "dialog"), f"ComfyUI {COMFY_VERSION} reports in a notice, not a dialog"
+        return shown.inner_text()
+    assert ERRORS_REPORTED_IN in (None, "notice"), f"ComfyUI {COMFY_VERSION} reports in a dialog, not a notice"
+    text = shown.inner_text()
+    shown.get_by_test_id("error-overlay-see-errors").click()
+    panel = page.get_by_test_id("properties-panel")
+    panel.get_by_test_id("errors-summary-hero").wait_for(timeout=30_000)
+    page.wait_for_timeout(500)  # the lists under the summary
+    return text + "\n" + panel.inner_text()
 
 
 def _node_count(title: str) -> int:
@@ -174,7 +214,7 @@ def test_our_nodes_are_in_the_node_library(page, output_dir):
 def test_the_template_browser_shows_our_templates_with_their_thumbnails(page, output_dir):
     open_template_browser(page)
     card_images = """(titles) => titles.map(title => {
-        const label = [...document.querySelectorAll('.p-dialog *')].find(e => e.children.length === 0 &&
+        const label = [...document.querySelectorAll('[role="dialog"] *')].find(e => e.children.length === 0 &&
                                                                           e.textContent.trim() === title);
         let card = label;
         while (card && !card.querySelector('img')) card = card.parentElement;
@@ -240,9 +280,7 @@ def test_flux_template_opens_framed_and_run_names_the_model_files_to_get(page, s
     save_thumbnail(page, output_dir, title)
     before = set(server.get("/history"))
     page.evaluate("async () => { try { await window.app.queuePrompt(0, 1); } catch (e) {} }")
-    dialog = page.locator(".p-dialog").last
-    dialog.wait_for(timeout=30_000)
-    text = dialog.inner_text()
+    text = error_report(page)
     page.screenshot(path=str(output_dir / f"browser_{title.replace(' ', '_')}.png"))
     page.keyboard.press("Escape")
     assert set(server.get("/history")) == before
@@ -258,9 +296,7 @@ def test_an_error_dialog_is_titled_with_the_node_name_people_see(page, server, o
         "ACTCollectActivations": {"layers": "custom pattern", "pattern": "norm[", "resolution": 64}})
     entry = queue_and_wait(page, server)
     assert entry["status"]["status_str"] == "error"
-    dialog = page.locator(".p-dialog").last
-    dialog.wait_for(timeout=30_000)
-    text = dialog.inner_text()
+    text = error_report(page)
     page.screenshot(path=str(output_dir / "browser_error_dialog.png"))
     page.keyboard.press("Escape")
     assert "Collect Activations (AcT)" in text and "ACTCollectActivations" not in text

@@ -28,7 +28,7 @@ import nodes as comfy_nodes
 from act_core import load_maps, save_maps
 from act_core.diffusers import PipelineLayers, TranslationError, collect_activations, fit_maps, steer
 from conftest import COMFY_DIR, PACK_DIR
-from make_models import TINY_CLIP, TINY_VAE
+from make_models import TINY_CLIP, TINY_VAE, checkpoint_state_dict
 
 FAMILIES = [("SD1.x", "sd15"), ("SD2.x", "sd2"), ("SDXL", "sdxl")]
 THINGS = ["a house", "a dog", "a street", "a kitchen", "a beach", "a car", "a forest", "a bridge"]
@@ -133,7 +133,7 @@ _PIPES: dict[str, object] = {}
 def pipeline_for(request, fixture: str, family: str):
     if fixture not in _PIPES:
         model, clip, vae = request.getfixturevalue(fixture)
-        checkpoint = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+        checkpoint = checkpoint_state_dict(model, clip, vae)  # keys as this host saves a checkpoint
         _PIPES[fixture] = to_diffusers(checkpoint, model.model.model_config.unet_config, family, TINY_CLIP,
                                        TINY_VAE["params"]["ddconfig"], v_prediction=fixture == "sd2")
     return _PIPES[fixture]

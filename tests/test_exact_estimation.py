@@ -13,7 +13,7 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-from conftest import sample
+from conftest import patch_state, sample
 from test_learn import all_hooks, collect, fit
 
 FALLBACK = "fitting layer by layer instead"
@@ -105,7 +105,7 @@ def patched_forwards(*roots) -> list[str]:
 
 def test_interrupting_the_replay_leaves_no_hook_or_patch_behind(pack, sdxl):
     model, clip, _ = sdxl
-    before = sample(model, clip)
+    before, patches_before = sample(model, clip), patch_state(model, clip)
     activations = collect(pack, model, clip, where="both", batch_size=4)[0]
     calls = {"n": 0}
 
@@ -125,7 +125,7 @@ def test_interrupting_the_replay_leaves_no_hook_or_patch_behind(pack, sdxl):
     roots = (model.model, clip.cond_stage_model)
     assert all_hooks(*roots) == 0
     assert not patched_forwards(*roots)
-    assert not model.object_patches and not clip.patcher.object_patches
+    assert patch_state(model, clip) == patches_before
     assert torch.equal(sample(model, clip), before)
     # The same activations still fit afterwards, to the same maps as an uninterrupted run.
     again = fit(pack, collect(pack, model, clip, where="both", batch_size=4)[0])

@@ -11,7 +11,7 @@ import torch
 import comfy.model_management
 import comfy.sample
 from act_core import MapsFileError, maps_from_bytes, maps_to_bytes
-from conftest import sample
+from conftest import patch_state, sample
 from test_apply import BOTH
 from test_learn import SOURCE, all_hooks, collect, fit
 
@@ -36,6 +36,7 @@ def _steered(pack, model, clip, maps, mode="exact"):
 @pytest.mark.parametrize("trial", range(4))
 def test_interrupting_sampling_at_a_random_step_leaves_nothing_behind(pack, sd15, trial):
     model, clip, _ = sd15
+    patches_before = patch_state(model, clip)
     maps = fit(pack, collect(pack, model, clip, where="both")[0], "at once")
     steered_model, steered_clip = _steered(pack, model, clip, maps, random.Random(trial).choice(["exact", "fused"]))
     plain_before, steered_before = sample(model, clip), sample(steered_model, steered_clip)
@@ -53,7 +54,7 @@ def test_interrupting_sampling_at_a_random_step_leaves_nothing_behind(pack, sd15
                             latent, callback=callback, disable_pbar=True, seed=1)
     comfy.model_management.interrupt_current_processing(False)
     assert all_hooks(model.model, clip.cond_stage_model) == 0
-    assert not model.object_patches and not clip.patcher.object_patches and not model.patches
+    assert patch_state(model, clip) == patches_before
     assert torch.equal(sample(model, clip), plain_before)
     assert torch.equal(sample(steered_model, steered_clip), steered_before)
 
