@@ -85,7 +85,7 @@ class Collector:
             raise ActError("Collect Activations needs the CLIP of the model to encode the prompts: connect it")
         self.spec = family_of(model)
         self.family = self.spec.name
-        text_encoder_names(clip)
+        self._encoders = set(text_encoder_names(clip))
         self.model = model.clone()
         self.clip = clip.clone()
         self.settings = settings
@@ -123,8 +123,24 @@ class Collector:
         return levels
 
     def batches(self) -> list[list[int]]:
-        order = list(range(len(self.prompts)))
-        return [order[i:i + self.prompts_per_batch] for i in range(0, len(order), self.prompts_per_batch)]
+        """Prompts in batches of at most prompts_per_batch; a batch holds only prompts whose text
+        has the same token layout, so every prompt reaches the diffusion model at its own length,
+        as when it is sampled alone. (FLUX's and SD3's joint attention would change the image stream
+        if a shorter text were repeated to a common length; SD's cross-attention would not, but the
+        common length of several prompts grows as their lcm.)"""
+        groups: dict[tuple, list[int]] = {}
+        for p in range(len(self.prompts)):
+            groups.setdefault(self._token_layout(p), []).append(p)
+        n = self.prompts_per_batch
+        return [group[i:i + n] for group in groups.values() for i in range(0, len(group), n)]
+
+    def _token_layout(self, prompt: int) -> tuple:
+        """The chunk lengths of a prompt's tokens, for the encoders this CLIP carries: prompts of
+        one layout give text of one length."""
+        absent = {e.tokens for e in self.spec.text_encoders if e.attribute not in self._encoders}
+        return tuple(sorted((key, tuple(len(chunk) for chunk in chunks))
+                            for key, chunks in self.tokens[prompt].items()
+                            if key not in absent and isinstance(chunks, (list, tuple))))
 
     def _rows(self, prompts: list[int]) -> torch.Tensor:
         """Global sample indices (prompt * levels + level) of a batch, in batch order."""
@@ -203,8 +219,13 @@ class Collector:
         import comfy.samplers
         sigmas = self._sigmas()
         samples = len(conds) * self.levels
-        length = math.lcm(*[c.shape[1] for c in conds])
-        cond = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds for _ in range(self.levels)])
+        lengths = sorted({c.shape[1] for c in conds})
+        if len(lengths) > 1:
+            # batches() keeps prompts of one token layout together; an encoder that still gives them
+            # texts of different lengths cannot share a call without changing what they compute.
+            raise ActError(f"prompts of one batch gave texts of {lengths} tokens; "
+                           "set batch_size to 1 on Collect Activations")
+        cond = torch.cat([c for c in conds for _ in range(self.levels)])
         batch_pooled = (torch.cat([p for p in pooled for _ in range(self.levels)])
                         if pooled and all(p is not None for p in pooled) else None)
         extra = self.spec.extras(batch_pooled, self.resolution)

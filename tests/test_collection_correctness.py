@@ -1,0 +1,144 @@
+"""What a collection pass records is what sampling computes, on tiny random-weight models built with
+ComfyUI's own classes, through the real nodes.
+
+  * prompts of different token lengths: each prompt's activations are those of a call with that
+    prompt alone (FLUX.1 and SD3 attend jointly over image and text tokens, so a text repeated to
+    a common length would change the image stream), and the text handed to the model is never
+    longer than the longest prompt's;
+  * the replay of recorded module calls falls back to the layer-by-layer schedule when a record
+    it dropped as unused is read after all, and a NaN of the model's own still gets the clear error;
+  * variants of a family that are another architecture are refused by name.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from test_exact_estimation import FALLBACK, assert_same_maps
+from test_learn import collect, fit
+
+THINGS = ["a house", "a dog", "a street", "a kitchen", "a beach", "a car", "a forest", "a cat"]
+
+
+def _with_tail(clip, prompt: str, key: str, length: int) -> str:
+    """`prompt` with a tail of 'red's that makes its first `key` chunk `length` tokens long (T5 takes a
+    prompt whole, so its length is the prompt's)."""
+    for k in range(max(0, length - 60), length):
+        candidate = prompt + (", " + "red " * k if k else "")
+        if len(clip.tokenize(candidate)[key][0]) == length:
+            return candidate
+    raise AssertionError(f"no tail gives {prompt!r} {length} {key} tokens")
+
+
+def mixed_prompts(clip, fixture: str) -> tuple[str, str]:
+    """Eight source/target pairs, a few of them long. FLUX.1 takes T5's tokens (256 at least): the long
+    ones are 384, so a common length by repetition would be lcm(256, 384) = 768. The SD3 and SD1
+    models here take CLIP's 77-token chunks: 1, 2 and 3 chunks, lcm 462 against 231."""
+    if fixture == "flux":
+        tails_source, tails_target = [0, 384, 0, 0, 384, 0, 0, 0], [384, 0, 0, 0, 0, 0, 0, 0]
+    else:
+        tails_source, tails_target = [0, 100, 0, 200, 0, 0, 0, 0], [200, 0, 100, 0, 0, 0, 0, 0]
+
+    def prompt(thing, extra, k):
+        base = f"a photo of {thing}{extra}"
+        if fixture == "flux":
+            return _with_tail(clip, base, "t5xxl", k) if k else base
+        return base + (", " + "red " * k if k else "")
+    source = [prompt(t, " with a pink elephant", k) for t, k in zip(THINGS, tails_source)]
+    target = [prompt(t, "", k) for t, k in zip(THINGS, tails_target)]
+    return "\n".join(source), "\n".join(target)
+
+
+_MIXED: dict = {}
+
+
+def mixed(clip, fixture):
+    if fixture not in _MIXED:
+        _MIXED[fixture] = mixed_prompts(clip, fixture)
+    return _MIXED[fixture]
+
+
+class TextLengths:
+    """The token length of every context the diffusion model is handed, while installed."""
+
+    def __init__(self, model):
+        self.module = model.model.diffusion_model
+        self.seen: list[int] = []
+
+    def __enter__(self):
+        def hook(_module, _args, kwargs):
+            self.seen.append(kwargs["context"].shape[1])
+        self.handle = self.module.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *_):
+        self.handle.remove()
+
+
+def collect_mixed(pack, fixture_value, fixture, batch_size):
+    model, clip, _ = fixture_value
+    source, target = mixed(clip, fixture)
+    return collect(pack, model, clip, where="diffusion model", source=source, target=target,
+                   batch_size=batch_size)[0]
+
+
+def assert_same_activations(ours, reference):
+    assert ours.order == reference.order
+    for side in ("source", "target"):
+        for name in reference.order:
+            a, b = getattr(ours, side)[name], getattr(reference, side)[name]
+            scale = max(1.0, b.abs().max().item())
+            assert (a - b).abs().max().item() <= 1e-5 * scale, (side, name, (a - b).abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def one_prompt_per_call(pack, request):
+    """Activations of one prompt per diffusion-model call (what sampling that prompt computes), and the
+    text lengths each prompt hands the model alone."""
+    found = {}
+
+    def get(fixture):
+        if fixture not in found:
+            value = request.getfixturevalue(fixture)
+            with TextLengths(value[0]) as lengths:
+                activations = collect_mixed(pack, value, fixture, batch_size=1)
+            found[fixture] = (activations, lengths.seen)
+        return found[fixture]
+    return get
+
+
+@pytest.mark.parametrize("fixture", ["flux", "sd3", "sd15"])
+def test_prompts_of_different_lengths_record_what_each_prompt_alone_computes(pack, request, one_prompt_per_call,
+                                                                             fixture):
+    alone, lengths_alone = one_prompt_per_call(fixture)
+    assert len(set(lengths_alone)) >= 2, lengths_alone  # the prompts do differ in length
+    with TextLengths(request.getfixturevalue(fixture)[0]) as lengths:
+        batched = collect_mixed(pack, request.getfixturevalue(fixture), fixture, batch_size=16)
+    assert_same_activations(batched, alone)
+    # Nothing is padded beyond the longest prompt: the peak does not grow with the spread of lengths.
+    assert max(lengths.seen) == max(lengths_alone), (sorted(set(lengths.seen)), sorted(set(lengths_alone)))
+
+
+@pytest.mark.parametrize("fixture", ["flux", "sd3"])
+def test_every_schedule_on_prompts_of_different_lengths_equals_the_reference(pack, request, caplog,
+                                                                             one_prompt_per_call, fixture):
+    """Batches of one text length each: "at once" fits what one prompt per call records, and the
+    incremental schedules (the replay, for one batch of 16 split by length as for batches of 4) give
+    the layer-by-layer reference's maps."""
+    alone, lengths_alone = one_prompt_per_call(fixture)
+    at_once_reference = fit(pack, alone, "at once")
+    for batch_size in (16, 4):
+        with TextLengths(request.getfixturevalue(fixture)[0]) as lengths:
+            activations = collect_mixed(pack, request.getfixturevalue(fixture), fixture, batch_size)
+            assert len(activations.collector.batches()) > 1
+            assert_same_maps(fit(pack, activations, "at once"), at_once_reference, alone.order)
+            with caplog.at_level(logging.WARNING, logger="comfyui_act"):
+                maps = fit(pack, activations)
+            # Same batches as the reference, so that float sums agree (other batchings round
+            # differently, and eleven incremental fits magnify that to about 1e-5).
+            reference = activations.collector.incremental(activations, "linear", "q_0_100", blocks="layers")
+        assert FALLBACK not in caplog.text
+        assert_same_maps(maps, reference, alone.order)
+        assert max(lengths.seen) == max(lengths_alone)
