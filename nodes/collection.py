@@ -355,8 +355,7 @@ class Collector:
                 raise ActError(f"layer {name} saw {pooled.shape[0]} samples where {rows.shape[0]} were sent; "
                                "ComfyUI split the batch (low memory?): lower batch_size on Collect Activations")
         if not torch.isfinite(pooled).all():
-            raise ActError(f"layer {name} produced NaN or infinite activations; the model may be broken, "
-                           "or run in a precision too low for it (try --force-fp32)")
+            raise _NotFinite(name)
         return pooled, rows
 
     def _record(self, samples: dict, name: str, part: str, pooled: torch.Tensor, rows: torch.Tensor,
@@ -499,6 +498,15 @@ class CallTree:
 
 class _Unreplayable(Exception):
     """The model's calls cannot be replayed unit by unit; the layer-by-layer schedule is used."""
+
+
+class _NotFinite(ActError):
+    """A layer's pooled activations hold NaN or infinity."""
+
+    def __init__(self, layer: str):
+        super().__init__(f"layer {layer} produced NaN or infinite activations; the model may be broken, "
+                         "or run in a precision too low for it (try --force-fp32)")
+        self.layer = layer
 
 
 @dataclass
@@ -661,8 +669,10 @@ class _Replay:
     cheap code between unit calls once per child (skip connections, residual sums). Recorded
     outputs that the replayed code no longer holds when the next child is called are dropped and
     later answered with NaN stand-ins, so that only live state (e.g. the UNet's skip connections)
-    is kept; a NaN reaching a recorded input means the guess was wrong, and the layer-by-layer
-    schedule takes over.
+    is kept. The guess is tried on the first batch (a record whose stand-in reaches anything that
+    later code can read is kept); a stand-in that still reaches a layer on a later batch (code that
+    reads an output only for some batches) makes that layer NaN, and the layer-by-layer schedule
+    takes over, while a NaN of the model's own, with no stand-in handed out, is reported as such.
     """
 
     def __init__(self, collector: "Collector", activations: Activations, order: list[str], fitted: dict,
@@ -684,6 +694,7 @@ class _Replay:
         self.maps: dict[str, LayerMap] = {}
         self.conds: list = []
         self.failed_probes: set = set()
+        self.blanked = False        # whether a NaN stand-in was handed to the model outside a probe
         self.selections: dict[int, tuple] = {}
         self.roots = {}
         for part in ("text", "unet"):
@@ -726,6 +737,13 @@ class _Replay:
         _Stored.device_room += room
         try:
             return self._run_all()
+        except _NotFinite as error:
+            # A stand-in for a dropped record was read on a batch that the first batch's probe did
+            # not speak for (or the model itself overflowed: the layer-by-layer schedule, which
+            # drops nothing, then says so).
+            if not self.blanked:
+                raise
+            raise _Unreplayable(f"{error.layer} read a record that the replay had dropped as unused") from None
         finally:
             _Stored.device_room -= room
 
@@ -775,6 +793,8 @@ class _Replay:
 
         def answer(kid: _Unit):
             def forward(*_args, **_kwargs):
+                if kid.name in blanks and not probe:
+                    self.blanked = True
                 value = _load(outputs[kid.name][b], blank=kid.name in blanks)
                 held[kid.name] = [weakref.ref(t) for t in _leaves(value, torch.Tensor)]
                 return value

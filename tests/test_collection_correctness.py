@@ -142,3 +142,68 @@ def test_every_schedule_on_prompts_of_different_lengths_equals_the_reference(pac
         assert FALLBACK not in caplog.text
         assert_same_maps(maps, reference, alone.order)
         assert max(lengths.seen) == max(lengths_alone)
+
+
+class LateReader(torch.nn.Module):
+    """Stands in for the UNet's output head (GroupNorm, SiLU, conv) with a second norm, and reads the
+    first norm's output again after the second one, but only for batches smaller than `big`: on the
+    first batch that output looks unused. `poison` makes its input NaN (the model's own NaN)."""
+
+    def __init__(self, head: torch.nn.Sequential, big: int):
+        super().__init__()
+        channels = head[0].num_channels
+        self.first, self.act, self.conv = head[0], head[1], head[2]
+        self.second = torch.nn.GroupNorm(head[0].num_groups, channels)
+        with torch.no_grad():
+            self.second.weight.copy_(1.0 + 0.1 * torch.randn(channels, generator=torch.Generator().manual_seed(5)))
+        self.big, self.poison = big, False
+
+    def forward(self, x):
+        if self.poison:
+            x = x * float("nan")
+        a = self.first(x)
+        h = self.act(a)
+        late = a if x.shape[0] < self.big else None
+        del a
+        b = self.second(h)
+        if late is not None:
+            b = b + 0.5 * late
+        return self.conv(b)
+
+
+@pytest.fixture
+def late_reader_sd15():
+    """A fresh tiny SD1.5 whose output head is a LateReader; 20 prompts in batches of 16 and 4."""
+    from make_models import tiny_model
+    model, clip, vae = tiny_model("SD15", seed=0)
+    unet = model.model.diffusion_model
+    unet.out = LateReader(unet.out, big=16)
+    return model, clip, unet.out
+
+
+LATE_PATTERN = r"input_blocks\.1\.0\.in_layers\.0$|diffusion_model\.out(\.first|\.second)?$"
+
+
+def test_a_record_read_only_on_a_later_batch_falls_back_to_the_layer_by_layer_maps(pack, caplog, late_reader_sd15):
+    model, clip, _ = late_reader_sd15
+    activations = collect(pack, model, clip, where="diffusion model", batch_size=16, layers="custom pattern",
+                          pattern=LATE_PATTERN)[0]
+    assert [len(b) for b in activations.collector.batches()] == [16, 4]
+    assert activations.order[-1] == "diffusion_model.out"
+    reference = activations.collector.incremental(activations, "linear", "q_0_100", blocks="layers")
+    with caplog.at_level(logging.WARNING, logger="comfyui_act"):
+        maps = fit(pack, activations)
+    fallbacks = [r.getMessage() for r in caplog.records if FALLBACK in r.getMessage()]
+    assert len(fallbacks) == 1 and "dropped" in fallbacks[0], fallbacks
+    assert_same_maps(maps, reference, activations.order)
+
+
+def test_a_nan_of_the_model_itself_in_the_replay_is_reported(pack, caplog, late_reader_sd15):
+    model, clip, head = late_reader_sd15
+    activations = collect(pack, model, clip, where="diffusion model", batch_size=16, layers="custom pattern",
+                          pattern=r"diffusion_model\.out\.(first|second)$")[0]
+    head.poison = True  # as an fp16 overflow that only the fitting meets
+    with caplog.at_level(logging.WARNING, logger="comfyui_act"):
+        with pytest.raises(pack.nodes.model_layers.ActError, match=r"out\.first produced NaN.*--force-fp32"):
+            fit(pack, activations)
+    assert FALLBACK not in caplog.text
