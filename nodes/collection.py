@@ -83,7 +83,7 @@ class Collector:
             raise ActError(f"'where' must be one of {WHERE}, got {settings.where!r}")
         if clip is None:
             raise ActError("Collect Activations needs the CLIP of the model to encode the prompts: connect it")
-        self.spec = family_of(model)
+        self.spec = family_of(model, "Collect Activations")
         self.family = self.spec.name
         self._encoders = set(text_encoder_names(clip))
         self.model = model.clone()

@@ -207,3 +207,95 @@ def test_a_nan_of_the_model_itself_in_the_replay_is_reported(pack, caplog, late_
         with pytest.raises(pack.nodes.model_layers.ActError, match=r"out\.first produced NaN.*--force-fp32"):
             fit(pack, activations)
     assert FALLBACK not in caplog.text
+
+
+# ----- variants of a family that are another architecture -----
+
+FIXTURE_OF = {"SD1.x": "sd15", "SD2.x": "sd2", "SDXL": "sdxl", "SD3": "sd3", "FLUX.1": "flux"}
+TINY_OF = {"SD1.x": "SD15", "SD2.x": "SD2", "SDXL": "SDXL", "SD3": "SD3", "FLUX.1": "FLUX"}
+
+
+def subclasses_in_comfyui(family) -> list[str]:
+    """The config classes of comfy.supported_models that derive from the family's, not the family's own."""
+    import inspect
+
+    import comfy.supported_models as sm
+    bases = tuple(getattr(sm, c) for c in family.configs if hasattr(sm, c))
+    return sorted(name for name, cls in inspect.getmembers(sm, inspect.isclass)
+                  if cls.__module__ == sm.__name__ and issubclass(cls, bases) and cls not in bases)
+
+
+def tiny_variant(family, name: str):
+    """A MODEL of config class `name`, built with ComfyUI's classes on the family's tiny settings plus the
+    variant's own input layout (in_channels, adm_in_channels, image_model, guidance_embed)."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    from make_models import randomize, unet_config
+    cls = getattr(sm, name)
+    unet = unet_config(TINY_OF[family.name])
+    unet.update({k: v for k, v in cls.unet_config.items()
+                 if k in ("in_channels", "adm_in_channels", "image_model", "guidance_embed")})
+    config = cls(unet)
+    settings = config.unet_config
+    if "disable_self_attentions" in settings:  # one entry per level, and the tiny UNet has fewer levels
+        settings["disable_self_attentions"] = settings["disable_self_attentions"][:len(settings["channel_mult"])]
+    if "channel_mult" in settings and settings.get("num_heads", -1) == -1 and settings.get("num_head_channels", -1) == -1:
+        settings["num_head_channels"] = 64
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({}, "")
+    randomize(base.diffusion_model, 0)
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def test_every_subclass_of_a_family_config_is_named_excluded_or_a_variant(pack):
+    """A ComfyUI that adds a variant fails here until it is classified in nodes/families.py."""
+    for family in pack.nodes.families.FAMILIES:
+        found = subclasses_in_comfyui(family)
+        unnamed = [n for n in found if n not in family.excluded + family.variants]
+        assert not unnamed, f"{family.name}: classify {unnamed} as excluded or variants in nodes/families.py"
+        assert not set(family.excluded) & set(family.variants), family.name
+
+
+EXCLUDED = [(f, n) for f, names in (("SD1.x", ("SD15_instructpix2pix",)), ("SDXL", ("SDXL_instructpix2pix",)),
+                                    ("SD2.x", ("SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler", "LotusD")),
+                                    ("FLUX.1", ("FluxInpaint", "Flux2"))) for n in names]
+
+
+@pytest.mark.parametrize("family_name, name", EXCLUDED)
+def test_a_variant_of_another_architecture_is_refused_by_name_on_both_nodes(pack, request, family_name, name):
+    import comfy.supported_models as sm
+    if not hasattr(sm, name):
+        pytest.skip(f"this ComfyUI has no {name}")
+    family = pack.nodes.families.by_name(family_name)
+    model = tiny_variant(family, name)
+    assert isinstance(model.model.model_config, tuple(getattr(sm, c) for c in family.configs))
+    clip = request.getfixturevalue(FIXTURE_OF[family_name])[1]
+    with pytest.raises(pack.nodes.model_layers.ActError) as error:
+        collect(pack, model, clip, where="diffusion model")
+    message = str(error.value)
+    assert name in message and "Collect Activations" in message and "does not support" in message, message
+    maps = pack.act_core.TransportMaps({}, {"family": family_name})
+    with pytest.raises(pack.nodes.model_layers.ActError) as error:
+        pack.nodes.nodes_apply.ApplyTransportMaps.execute(model, maps, 1.0, 0.0, 1.0,
+                                                          "conditional and unconditional", "exact", None)
+    message = str(error.value)
+    assert name in message and "Apply Transport Maps" in message and "does not support" in message, message
+
+
+@pytest.mark.parametrize("family_name, name", [("SDXL", "SSD1B"), ("SDXL", "KOALA_700M"), ("FLUX.1", "FluxSchnell")])
+def test_variants_of_the_same_architecture_are_steered_as_the_family(pack, family_name, name):
+    import comfy.supported_models as sm
+    if not hasattr(sm, name):
+        pytest.skip(f"this ComfyUI has no {name}")
+    model = tiny_variant(pack.nodes.families.by_name(family_name), name)
+    assert pack.nodes.families.family_of(model, "Collect Activations").name == family_name
+
+
+def test_a_plain_sd2_still_collects_and_applies(pack, sd2):
+    model, clip, _ = sd2
+    activations, summary = collect(pack, model, clip, where="diffusion model")
+    assert summary.startswith("SD2.x") and activations.order
+    maps = pack.act_core.TransportMaps({}, {"family": "SD2.x"})
+    steered = pack.nodes.nodes_apply.ApplyTransportMaps.execute(model, maps, 1.0, 0.0, 1.0,
+                                                                "conditional and unconditional", "exact", None).args
+    assert steered[0] is not None
