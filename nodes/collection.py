@@ -355,7 +355,7 @@ class Collector:
                 raise ActError(f"layer {name} saw {pooled.shape[0]} samples where {rows.shape[0]} were sent; "
                                "ComfyUI split the batch (low memory?): lower batch_size on Collect Activations")
         if not torch.isfinite(pooled).all():
-            raise _NotFinite(name)
+            raise NonFiniteActivations(name)
         return pooled, rows
 
     def _record(self, samples: dict, name: str, part: str, pooled: torch.Tensor, rows: torch.Tensor,
@@ -500,13 +500,16 @@ class _Unreplayable(Exception):
     """The model's calls cannot be replayed unit by unit; the layer-by-layer schedule is used."""
 
 
-class _NotFinite(ActError):
+class NonFiniteActivations(ActError):
     """A layer's pooled activations hold NaN or infinity."""
 
     def __init__(self, layer: str):
         super().__init__(f"layer {layer} produced NaN or infinite activations; the model may be broken, "
                          "or run in a precision too low for it (try --force-fp32)")
         self.layer = layer
+
+
+NonFiniteActivations.__module__ = ActError.__module__  # as ComfyUI shows the error's type to users
 
 
 @dataclass
@@ -737,7 +740,7 @@ class _Replay:
         _Stored.device_room += room
         try:
             return self._run_all()
-        except _NotFinite as error:
+        except NonFiniteActivations as error:
             # A stand-in for a dropped record was read on a batch that the first batch's probe did
             # not speak for (or the model itself overflowed: the layer-by-layer schedule, which
             # drops nothing, then says so).

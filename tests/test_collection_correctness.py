@@ -144,6 +144,14 @@ def test_every_schedule_on_prompts_of_different_lengths_equals_the_reference(pac
         assert max(lengths.seen) == max(lengths_alone)
 
 
+
+def test_texts_of_different_lengths_in_one_batch_are_refused_not_padded(pack, sd15, monkeypatch):
+    """Should an encoder give one token layout texts of different lengths, the batch is refused with
+    the way out, never padded."""
+    monkeypatch.setattr(pack.nodes.collection.Collector, "_token_layout", lambda self, prompt: ())
+    with pytest.raises(pack.nodes.model_layers.ActError, match=r"texts of \[77, 154, 231\] tokens.*batch_size to 1"):
+        collect_mixed(pack, sd15, "sd15", batch_size=16)
+
 class LateReader(torch.nn.Module):
     """Stands in for the UNet's output head (GroupNorm, SiLU, conv) with a second norm, and reads the
     first norm's output again after the second one, but only for batches smaller than `big`: on the
