@@ -83,9 +83,9 @@ class Collector:
             raise ActError(f"'where' must be one of {WHERE}, got {settings.where!r}")
         if clip is None:
             raise ActError("Collect Activations needs the CLIP of the model to encode the prompts: connect it")
-        self.spec = family_of(model)
+        self.spec = family_of(model, "Collect Activations")
         self.family = self.spec.name
-        text_encoder_names(clip)
+        self._encoders = set(text_encoder_names(clip))
         self.model = model.clone()
         self.clip = clip.clone()
         self.settings = settings
@@ -123,8 +123,24 @@ class Collector:
         return levels
 
     def batches(self) -> list[list[int]]:
-        order = list(range(len(self.prompts)))
-        return [order[i:i + self.prompts_per_batch] for i in range(0, len(order), self.prompts_per_batch)]
+        """Prompts in batches of at most prompts_per_batch; a batch holds only prompts whose text
+        has the same token layout, so every prompt reaches the diffusion model at its own length,
+        as when it is sampled alone. (FLUX's and SD3's joint attention would change the image stream
+        if a shorter text were repeated to a common length; SD's cross-attention would not, but the
+        common length of several prompts grows as their lcm.)"""
+        groups: dict[tuple, list[int]] = {}
+        for p in range(len(self.prompts)):
+            groups.setdefault(self._token_layout(p), []).append(p)
+        n = self.prompts_per_batch
+        return [group[i:i + n] for group in groups.values() for i in range(0, len(group), n)]
+
+    def _token_layout(self, prompt: int) -> tuple:
+        """The chunk lengths of a prompt's tokens, for the encoders this CLIP carries: prompts of
+        one layout give text of one length."""
+        absent = {e.tokens for e in self.spec.text_encoders if e.attribute not in self._encoders}
+        return tuple(sorted((key, tuple(len(chunk) for chunk in chunks))
+                            for key, chunks in self.tokens[prompt].items()
+                            if key not in absent and isinstance(chunks, (list, tuple))))
 
     def _rows(self, prompts: list[int]) -> torch.Tensor:
         """Global sample indices (prompt * levels + level) of a batch, in batch order."""
@@ -203,8 +219,13 @@ class Collector:
         import comfy.samplers
         sigmas = self._sigmas()
         samples = len(conds) * self.levels
-        length = math.lcm(*[c.shape[1] for c in conds])
-        cond = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds for _ in range(self.levels)])
+        lengths = sorted({c.shape[1] for c in conds})
+        if len(lengths) > 1:
+            # batches() keeps prompts of one token layout together; an encoder that still gives them
+            # texts of different lengths cannot share a call without changing what they compute.
+            raise ActError(f"prompts of one batch gave texts of {lengths} tokens; "
+                           "set batch_size to 1 on Collect Activations")
+        cond = torch.cat([c for c in conds for _ in range(self.levels)])
         batch_pooled = (torch.cat([p for p in pooled for _ in range(self.levels)])
                         if pooled and all(p is not None for p in pooled) else None)
         extra = self.spec.extras(batch_pooled, self.resolution)
@@ -334,8 +355,7 @@ class Collector:
                 raise ActError(f"layer {name} saw {pooled.shape[0]} samples where {rows.shape[0]} were sent; "
                                "ComfyUI split the batch (low memory?): lower batch_size on Collect Activations")
         if not torch.isfinite(pooled).all():
-            raise ActError(f"layer {name} produced NaN or infinite activations; the model may be broken, "
-                           "or run in a precision too low for it (try --force-fp32)")
+            raise NonFiniteActivations(name)
         return pooled, rows
 
     def _record(self, samples: dict, name: str, part: str, pooled: torch.Tensor, rows: torch.Tensor,
@@ -478,6 +498,18 @@ class CallTree:
 
 class _Unreplayable(Exception):
     """The model's calls cannot be replayed unit by unit; the layer-by-layer schedule is used."""
+
+
+class NonFiniteActivations(ActError):
+    """A layer's pooled activations hold NaN or infinity."""
+
+    def __init__(self, layer: str):
+        super().__init__(f"layer {layer} produced NaN or infinite activations; the model may be broken, "
+                         "or run in a precision too low for it (try --force-fp32)")
+        self.layer = layer
+
+
+NonFiniteActivations.__module__ = ActError.__module__  # as ComfyUI shows the error's type to users
 
 
 @dataclass
@@ -640,8 +672,10 @@ class _Replay:
     cheap code between unit calls once per child (skip connections, residual sums). Recorded
     outputs that the replayed code no longer holds when the next child is called are dropped and
     later answered with NaN stand-ins, so that only live state (e.g. the UNet's skip connections)
-    is kept; a NaN reaching a recorded input means the guess was wrong, and the layer-by-layer
-    schedule takes over.
+    is kept. The guess is tried on the first batch (a record whose stand-in reaches anything that
+    later code can read is kept); a stand-in that still reaches a layer on a later batch (code that
+    reads an output only for some batches) makes that layer NaN, and the layer-by-layer schedule
+    takes over, while a NaN of the model's own, with no stand-in handed out, is reported as such.
     """
 
     def __init__(self, collector: "Collector", activations: Activations, order: list[str], fitted: dict,
@@ -663,6 +697,7 @@ class _Replay:
         self.maps: dict[str, LayerMap] = {}
         self.conds: list = []
         self.failed_probes: set = set()
+        self.blanked = False        # whether a NaN stand-in was handed to the model outside a probe
         self.selections: dict[int, tuple] = {}
         self.roots = {}
         for part in ("text", "unet"):
@@ -705,6 +740,13 @@ class _Replay:
         _Stored.device_room += room
         try:
             return self._run_all()
+        except NonFiniteActivations as error:
+            # A stand-in for a dropped record was read on a batch that the first batch's probe did
+            # not speak for (or the model itself overflowed: the layer-by-layer schedule, which
+            # drops nothing, then says so).
+            if not self.blanked:
+                raise
+            raise _Unreplayable(f"{error.layer} read a record that the replay had dropped as unused") from None
         finally:
             _Stored.device_room -= room
 
@@ -754,6 +796,8 @@ class _Replay:
 
         def answer(kid: _Unit):
             def forward(*_args, **_kwargs):
+                if kid.name in blanks and not probe:
+                    self.blanked = True
                 value = _load(outputs[kid.name][b], blank=kid.name in blanks)
                 held[kid.name] = [weakref.ref(t) for t in _leaves(value, torch.Tensor)]
                 return value

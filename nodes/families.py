@@ -74,7 +74,12 @@ class Family:
     default_layers: Callable = norm_layers      # f(name, module) -> bool
     default_layers_text: str = "normalization layers"
     pooled_from: str = ""                       # the encoder whose pooled output `extras` gets ("" = first)
-    excluded: tuple[str, ...] = ()              # subclasses of `configs` that are another architecture
+    # Subclasses of `configs` in comfy.supported_models, each named in one of the two: `excluded` are
+    # another architecture (an extra image input, other conditioning) and are refused by name;
+    # `variants` are this one with other depths or settings, steered as the family
+    # (tests/test_collection_correctness.py checks that every subclass is named).
+    excluded: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()
     # One text-encoder call for a whole batch works when the CLIP's output is one token stream per
     # prompt chunk; FLUX and SD3 join several encoders' streams (CLIP then T5, whose prompts differ in
     # length), so their prompts are encoded one by one, and their text-encoder maps are fitted one
@@ -103,26 +108,41 @@ def _sd1_resolution(model) -> int:
 
 FAMILIES: tuple[Family, ...] = (
     # Subclasses first: SDXL and SD2 variants share bases with the others.
-    Family("SDXL", ("SDXL",), (CLIP_L, CLIP_G), 1024, _sdxl_extras, pooled_from="clip_g"),
-    Family("SD2.x", ("SD20",), (CLIP_H,), _sd2_resolution),
-    Family("SD1.x", ("SD15",), (CLIP_L,), _sd1_resolution),
+    Family("SDXL", ("SDXL",), (CLIP_L, CLIP_G), 1024, _sdxl_extras, pooled_from="clip_g",
+           # instructpix2pix takes the picture to edit beside the noise (8 input channels).
+           excluded=("SDXL_instructpix2pix",),
+           variants=("SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B")),  # distilled SDXL UNets
+    Family("SD2.x", ("SD20",), (CLIP_H,), _sd2_resolution,
+           # unCLIP is conditioned on a CLIP-vision embedding, the x4 upscaler on a low-resolution
+           # picture, Lotus (depth/normal estimation) on the picture it reads.
+           excluded=("SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler", "LotusD")),
+    Family("SD1.x", ("SD15",), (CLIP_L,), _sd1_resolution, excluded=("SD15_instructpix2pix",)),
     Family("SD3", ("SD3",), (CLIP_L, CLIP_G, T5XXL), 1024, _pooled_only, batched_text=False),
     Family("FLUX.1", ("Flux",), (CLIP_L, T5XXL), 1024, _flux_extras,
-           excluded=("Flux2", "FluxInpaint"), batched_text=False),
+           excluded=("Flux2", "FluxInpaint"), variants=("FluxSchnell",), batched_text=False),
 )
 
 SUPPORTED_FAMILIES = tuple(f.name for f in FAMILIES)
 
 
-def family_of(model) -> Family:
-    """The Family of a ComfyUI MODEL; any other model raises ActError naming it."""
+def family_of(model, node: str) -> Family:
+    """The Family of a ComfyUI MODEL; any other model, a family's excluded variants included, raises
+    ActError naming its type and `node`, the node that was given it."""
     import comfy.supported_models as sm
     config = model.model.model_config
+    kind = type(config).__name__
+
+    def is_one_of(names):
+        return any(isinstance(config, getattr(sm, c)) for c in names if hasattr(sm, c))
     for family in FAMILIES:
-        if any(isinstance(config, getattr(sm, c)) for c in family.configs if hasattr(sm, c)) and \
-                not any(isinstance(config, getattr(sm, c)) for c in family.excluded if hasattr(sm, c)):
-            return family
-    raise ActError(f"the MODEL is a {type(config).__name__} model, which ComfyUI-ACT does not support yet; "
+        if not is_one_of(family.configs):
+            continue
+        if is_one_of(family.excluded):
+            raise ActError(f"{node}: the MODEL is of type {kind}, a variant of {family.name} with another "
+                           f"architecture, which ComfyUI-ACT does not support; connect a plain "
+                           f"{' / '.join(SUPPORTED_FAMILIES)} model")
+        return family
+    raise ActError(f"{node}: the MODEL is a {kind} model, which ComfyUI-ACT does not support yet; "
                    f"it supports {', '.join(SUPPORTED_FAMILIES)}")
 
 

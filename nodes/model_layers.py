@@ -16,9 +16,10 @@ from .families import FAMILIES, NORM_TYPES, SUPPORTED_FAMILIES, family_of, norm_
 WHERE = ("diffusion model", "text encoder", "both")
 
 
-def model_family(model) -> str:
-    """The family name of a MODEL (see families.FAMILIES); any other model raises ActError naming it."""
-    return family_of(model).name
+def model_family(model, node: str = "Apply Transport Maps") -> str:
+    """The family name of a MODEL (see families.FAMILIES); any other model raises ActError naming it
+    and `node`."""
+    return family_of(model, node).name
 
 
 def is_unet_layer(name: str) -> bool:
@@ -58,8 +59,9 @@ def select_layers(modules: dict[str, torch.nn.Module], pattern: str | None,
 
 def check_maps_fit(maps, model=None, clip=None) -> None:
     """Raise ActError listing every layer of the maps that this MODEL/CLIP lacks or has another width."""
-    if model is not None and maps.family and maps.family != model_family(model):
-        raise ActError(f"these maps were fitted on an {maps.family} model but the MODEL is {model_family(model)}; "
+    family = model_family(model) if model is not None else None  # an unsupported MODEL is refused alike
+    if family is not None and maps.family and maps.family != family:
+        raise ActError(f"these maps were fitted on an {maps.family} model but the MODEL is {family}; "
                        "load maps made for this kind of model, or fit new ones with Fit Transport Maps")
     unet = unet_modules(model) if model is not None else {}
     text = clip_modules(clip) if clip is not None else {}
