@@ -86,5 +86,5 @@ def summary(unet: Placement, text: Placement) -> str:
     """What Apply did with the layers, in one line: how many were folded, how many run per step."""
     parts = [unet.summary("diffusion model")]
     if text.folded or text.per_step:
-        parts.append(text.summary("text encoders"))
+        parts.append(text.summary("text encoders", "per encode"))
     return "; ".join(parts)

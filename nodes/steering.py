@@ -72,8 +72,8 @@ class Placement:
         self.per_step += other.per_step
         return self
 
-    def summary(self, part: str) -> str:
-        return f"{part}: {len(self.folded)} layers folded into weights, {len(self.per_step)} run per step"
+    def summary(self, part: str, when: str = "per step") -> str:
+        return f"{part}: {len(self.folded)} layers folded into weights, {len(self.per_step)} run {when}"
 
 
 def original_or_patched(patcher, key: str, owner: torch.nn.Module, attribute: str):
@@ -273,6 +273,15 @@ def steer_clip_placed(clip, maps: TransportMaps, strength: float, mode: str = EX
     return patched, placement
 
 
+def _wrapped(patcher, name: str) -> bool:
+    """Whether an earlier object patch may move this layer's output: one on the layer's forward, or
+    on its text encoder's forward (how text-encoder maps run per encode). The diffusion model's own
+    forward patch only sets per-call state."""
+    encoder = name.split(".", 1)[0]
+    return f"{name}.forward" in patcher.object_patches or (
+        encoder != "diffusion_model" and f"{encoder}.forward" in patcher.object_patches)
+
+
 def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold: bool) -> Placement:
     """Fold into weight patches on `patcher` what the mode folds; the rest is left to run per step."""
     import comfy.patcher_extension
@@ -283,7 +292,7 @@ def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold
         keys = (f"{name}.weight", f"{name}.bias")
         can = fold and has_weight_and_bias(modules[name], layer.dim)
         if can and mode == EXACT:
-            can = (folds_exactly(layer, strength) and f"{name}.forward" not in patcher.object_patches
+            can = (folds_exactly(layer, strength) and not _wrapped(patcher, name)
                    and not any(k in patcher.weight_wrapper_patches for k in keys))
         if not can:
             placement.per_step.append(name)
