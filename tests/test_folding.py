@@ -201,3 +201,22 @@ def test_apply_says_how_many_layers_fold_and_how_many_run_per_step(pack, sd15, m
             f"text encoders: {text} layers folded into weights, 0 run per encode") in caplog.text
     chart, summary = pack.nodes.nodes_view.InspectMaps.execute(maps_sd15, model, clip).args
     assert f"{layer_norms} layers folded into weights, {group_norms} run per step" in summary
+
+
+def test_fold_all_is_named_approximate_and_old_fused_workflows_still_run_it_with_one_warning(
+        pack, sd15, maps_sd15, caplog):
+    model, clip, _ = sd15
+    node = pack.nodes.nodes_apply.ApplyTransportMaps
+    mode_input = next(i for i in node.define_schema().inputs if i.id == "mode")
+    assert mode_input.options == ["exact", "fold all (approximate)"]
+    assert all(word in mode_input.tooltip for word in ("channel mean", "support range", "'fused'"))
+    assert node.validate_inputs(strength=1.0, mode="fused") is True  # a saved workflow still validates
+    assert "mode 'fuzed' is unknown" in node.validate_inputs(strength=1.0, mode="fuzed")
+    approximate = sample(*apply(pack, model, maps_sd15, 1.0, clip, "fold all (approximate)"))
+    with caplog.at_level(logging.WARNING, logger="comfyui_act"):
+        legacy = sample(*apply(pack, model, maps_sd15, 1.0, clip, "fused"))
+    assert torch.equal(legacy, approximate)
+    assert caplog.text.count("mode 'fused' is now called 'fold all (approximate)'") == 1
+    # It is an approximation of Linear-AcT: its GroupNorm maps scale every pixel instead of the mean.
+    exact = sample(*apply(pack, model, maps_sd15, 1.0, clip, "exact"))
+    assert (approximate - exact).abs().max() > 1e-2 * (exact - sample(model, clip)).abs().max()
