@@ -14,11 +14,15 @@ clone's patches; a map folded into a weight a hook also changes must move the ho
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..act_core import LayerMap
+
+log = logging.getLogger("comfyui_act")
 
 
 class FoldedMap(WeightAdapterBase):
@@ -97,3 +101,29 @@ class HookFold:
             scale = rows.to(current.device).view(-1, *([1] * (current.ndim - 1)))
             corrected = folded + scale * (current.to(torch.float32) - folded)
             comfy.utils.copy_to_param(patcher.model, key, corrected.to(current.dtype))
+
+
+class LaterPatchCheck:
+    """ON_LOAD callback of a clone with folded maps. A weight patch added to a folded layer after this
+    apply (a LoRA loaded after Apply) is added after the fold, whereas the method moves the output of
+    the layer as that patch makes it: say so once, with the fix. Later folds (chained apply nodes)
+    compose in graph order and are fine."""
+
+    def __init__(self, patches: dict):
+        self.patches = patches  # key -> this apply's FoldedMap
+        self.warned = False
+
+    def __call__(self, patcher, *_args, **_kwargs) -> None:
+        if self.warned:
+            return
+        later = []
+        for key, mine in self.patches.items():
+            entries = patcher.patches.get(key, [])
+            at = next((i for i, entry in enumerate(entries) if entry[1] is mine), None)
+            if at is not None and any(not isinstance(entry[1], FoldedMap) for entry in entries[at + 1:]):
+                later.append(key)
+        if later:
+            self.warned = True
+            log.warning("Apply Transport Maps: a weight patch added after it (a LoRA loaded after Apply) changes %d "
+                        "weights Apply folded its maps into (e.g. %s), so the map acts before that patch there. Load "
+                        "the LoRA before Apply Transport Maps.", len(later), later[0])

@@ -38,7 +38,7 @@ import torch
 
 from ..act_core import TransportMaps, check_strength, kernels
 from ..act_core.modules import Hook, hooks_installed  # noqa: F401  (collection uses it from here too)
-from .folding import HookFold, fold_patches, folds_exactly, has_weight_and_bias
+from .folding import HookFold, LaterPatchCheck, fold_patches, folds_exactly, has_weight_and_bias
 from .model_layers import ActError, check_maps_fit, clip_modules, is_unet_layer, unet_modules
 
 log = logging.getLogger("comfyui_act")
@@ -309,4 +309,5 @@ def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold
             raise ActError(f"ComfyUI refused weight patches for {len(missing)} layers (e.g. {missing[0]}); "
                            "set mode 'exact' on Apply Transport Maps and report the model")
         patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, HookFold(rows))
+        patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, LaterPatchCheck(patches))
     return placement

@@ -220,3 +220,23 @@ def test_fold_all_is_named_approximate_and_old_fused_workflows_still_run_it_with
     # It is an approximation of Linear-AcT: its GroupNorm maps scale every pixel instead of the mean.
     exact = sample(*apply(pack, model, maps_sd15, 1.0, clip, "exact"))
     assert (approximate - exact).abs().max() > 1e-2 * (exact - sample(model, clip)).abs().max()
+
+
+def test_a_lora_loaded_after_apply_on_a_folded_layer_is_reported_once(pack, sd15, caplog):
+    model, clip, _ = sd15
+    modules = pack.nodes.model_layers.unet_modules(model)
+    layer = next(n for n, m in modules.items() if isinstance(m, torch.nn.LayerNorm))
+    d = modules[layer].normalized_shape[-1]
+    maps = TransportMaps({layer: LayerMap(torch.full((d,), 1.2), torch.full((d,), 0.1), torch.full((d,), -float("inf")),
+                                          torch.full((d,), float("inf")))}, {"family": "SD1.x"})
+    patch = {k: (d,) for k, d in lora_like(model, [f"{layer}.weight"]).items()}
+    before = model.clone()
+    before.add_patches(patch, 1.0)
+    with caplog.at_level(logging.WARNING, logger="comfyui_act"):
+        sample(apply(pack, before, maps)[0], clip)  # LoRA, then Apply: the fold starts from it
+        assert "loaded after Apply" not in caplog.text
+        after = apply(pack, model, maps)[0]
+        after.add_patches(patch, 1.0)
+        sample(after, clip)
+        sample(after, clip)
+    assert caplog.text.count("a LoRA loaded after Apply") == 1 and layer in caplog.text
