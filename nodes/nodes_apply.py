@@ -6,7 +6,7 @@ import math
 
 from comfy_api.latest import io
 
-from .steering import BRANCHES, MODES, steer_clip, steer_model
+from .steering import BRANCHES, LEGACY_MODES, MODES, Placement, check_mode, steer_clip_placed, steer_model_placed
 from .types import CATEGORY, Maps
 
 
@@ -36,10 +36,14 @@ class ApplyTransportMaps(io.ComfyNode):
                                tooltip="Steer both the prompt and the negative prompt passes, or only the "
                                        "prompt (conditional) pass."),
                 io.Combo.Input("mode", options=list(MODES), default=MODES[0],
-                               tooltip="exact: the method as published (support ranges; on conv layers only "
-                                       "the channel mean moves). fused: maps folded into the layers' weights, "
-                                       "no cost per step, but support ranges are ignored and conv layers "
-                                       "scale every pixel; falls back to exact for a partial window or branch."),
+                               tooltip="exact: the method as published. Maps that fold exactly into their "
+                                       "layer's weights (token layers on norms with a weight and bias, no "
+                                       "support range, whole window, both branches) are folded, at no cost per "
+                                       "step; the rest (conv layers, support ranges, a partial window or "
+                                       "branch) run per step. fold all (approximate): every map is folded, no "
+                                       "cost per step, but conv layers then scale every pixel instead of moving "
+                                       "the channel mean, and support ranges are ignored; a partial window or "
+                                       "branch runs exact. Workflows that say 'fused' mean fold all."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Connect the CLIP to also steer its text encoders when the maps include them "
                                       "(CLIP-L/G/H; T5 on FLUX.1 and SD3)."),
@@ -48,24 +52,39 @@ class ApplyTransportMaps(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, strength=None) -> bool | str:
+    def validate_inputs(cls, strength=None, mode=None) -> bool | str:
         """Refuse a NaN or out-of-range strength before anything runs (ComfyUI's own range check lets NaN
         through, and skips inputs a node validates itself). A linked strength (Strength Sweep) arrives
-        later and is checked there."""
-        if strength is None:
-            return True
-        if not math.isfinite(strength) or not -10.0 <= strength <= 10.0:
+        later and is checked there. The mode is checked here so that workflows saved with the older
+        name "fused" still run."""
+        if strength is not None and (not math.isfinite(strength) or not -10.0 <= strength <= 10.0):
             return (f"strength is {strength}; it must be a number from -10 to 10 "
                     "(fix 'strength' on Apply Transport Maps)")
+        if mode is not None and mode not in MODES and mode not in LEGACY_MODES:
+            return f"mode {mode!r} is unknown; choose one of {', '.join(MODES)} on Apply Transport Maps"
         return True
 
     @classmethod
     def execute(cls, model, maps, strength, start_percent, end_percent, branch, mode, clip=None) -> io.NodeOutput:
+        log = logging.getLogger("comfyui_act")
+        if mode in LEGACY_MODES:
+            log.warning("Apply Transport Maps: mode %r is now called %r (it folds every map into the weights, which "
+                        "approximates conv layers and ignores support ranges); choose 'exact' for the method as "
+                        "published at almost the same cost.", mode, check_mode(mode))
         text_layers = sum(1 for name in maps if not name.startswith("diffusion_model."))
         if clip is None and text_layers:
-            logging.getLogger("comfyui_act").warning(
+            log.warning(
                 "Apply Transport Maps: the maps hold %d text-encoder layers but no CLIP is connected; only the "
                 "diffusion model is steered. Connect the CLIP and use the CLIP output for the prompts.", text_layers)
-        steered_model = steer_model(model, maps, strength, start_percent, end_percent, branch, mode)
-        steered_clip = steer_clip(clip, maps, strength, mode) if clip is not None else None
+        steered_model, unet = steer_model_placed(model, maps, strength, start_percent, end_percent, branch, mode)
+        steered_clip, text = steer_clip_placed(clip, maps, strength, mode) if clip is not None else (None, Placement())
+        log.info("Apply Transport Maps: %s", summary(unet, text))
         return io.NodeOutput(steered_model, steered_clip)
+
+
+def summary(unet: Placement, text: Placement) -> str:
+    """What Apply did with the layers, in one line: how many were folded, how many run per step."""
+    parts = [unet.summary("diffusion model")]
+    if text.folded or text.per_step:
+        parts.append(text.summary("text encoders", "per encode"))
+    return "; ".join(parts)

@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..act_core import check_strength, layer_movement
+from .steering import steer_clip_placed, steer_model_placed
 from .pictures import grid, labelled_tiles, movement_chart, part_of, to_image
 from .types import CATEGORY, Maps
 
@@ -101,12 +102,16 @@ class InspectMaps(io.ComfyNode):
             category=CATEGORY,
             description="Draws how far each layer moves activations at strength 1, text encoder and UNet "
                         "blocks in model order, and summarises the maps.",
-            inputs=[Maps.Input("maps")],
+            inputs=[Maps.Input("maps"),
+                    io.Model.Input("model", optional=True,
+                                   tooltip="Connect the MODEL to see how many of its layers Apply (exact, whole "
+                                           "window, both branches) folds into the weights and how many run per step."),
+                    io.Clip.Input("clip", optional=True, tooltip="The same for the text encoders.")],
             outputs=[io.Image.Output(display_name="chart"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
-    def execute(cls, maps) -> io.NodeOutput:
+    def execute(cls, maps, model=None, clip=None) -> io.NodeOutput:
         names = list(maps)
         values = [layer_movement(maps[n]) for n in names]
         info = maps.info
@@ -122,4 +127,16 @@ class InspectMaps(io.ComfyNode):
                  f"({info.get('where')}, {info.get('resolution')} px)",
                  f"neurons left unmoved (no spread): {sum(m.degenerate for m in maps.values())}",
                  "layers that move most: " + "; ".join(f"{n} ({v:.3g})" for v, n in top)]
+        lines += placement_lines(maps, model, clip)
         return io.NodeOutput(to_image(chart), "\n".join(lines))
+
+
+def placement_lines(maps, model=None, clip=None) -> list[str]:
+    """Where Apply (exact, strength 1, whole window, both branches) puts the layers of these maps: the
+    same placement Apply computes, on a clone that is dropped."""
+    lines = []
+    if model is not None and any(n.startswith("diffusion_model.") for n in maps):
+        lines.append("in exact mode, " + steer_model_placed(model, maps, 1.0)[1].summary("diffusion model"))
+    if clip is not None and any(not n.startswith("diffusion_model.") for n in maps):
+        lines.append("in exact mode, " + steer_clip_placed(clip, maps, 1.0)[1].summary("text encoders", "per encode"))
+    return lines

@@ -1,40 +1,80 @@
 """Put transport maps on a ComfyUI MODEL or CLIP, functionally: clone, patch the clone, return it.
 
-exact: diffusion model: an object patch on the .forward of each mapped layer (wrapping the layer's
+Each mapped layer is either folded or run per step.
+folded: the map becomes weight patches on the layer (nodes/folding.py, the same mechanism as a LoRA):
+       no per-step cost, and ComfyUI applies them however it holds the model (fully on the GPU,
+       offloaded, or partially loaded with weights cast per call), on top of the clone's earlier
+       patches (LoRAs, earlier apply nodes). Each patch holds two per-neuron vectors.
+       exact mode folds a layer where the fold is exactly the method: the map moves every element on
+       its own (token maps, pixel-form conv maps) with no gate, the layer has a weight and a bias to
+       fold into, steering covers the whole sampling window and both branches (the text encoders
+       have neither), and no earlier object patch wraps the layer (its output is moved after that
+       wrapper's, and a fold would move it before). "fold all (approximate)" folds every map that
+       has a weight and bias to fold into: conv maps of the mean form (Linear-AcT) then scale every
+       pixel instead of moving the channel mean, and support ranges are ignored.
+per step: diffusion model: an object patch on the .forward of each such layer (wrapping the layer's
        forward and transporting its output) and one on "diffusion_model.forward" that tells them,
-       per call, whether this step is inside the sampling window and which batch rows to move.
-       ComfyUI sets object patches when it loads this clone and restores the originals when another
-       clone is loaded, so no other clone of the shared nn.Module is touched; per step the cost is
-       one Python call and one kernel per layer, with nothing registered or removed (forward hooks,
-       registered per call, cost as much as the arithmetic on a GPU).
+       per call, whether this call is steered and which batch rows to move. The per-call state is
+       a stack, so that a diffusion-model call made inside another (a patch that runs the model
+       again) is steered on its own terms and the outer call resumes as it was. ComfyUI sets object
+       patches when it loads this clone and restores the originals when another clone is loaded, so
+       no other clone of the shared nn.Module is touched; per step the cost is one Python call and
+       one kernel per layer, with nothing registered or removed.
        Text encoders (run once per prompt, not per step): one object patch on "clip_x.forward" that
        registers forward hooks on the mapped layers for that call and removes them in `finally`.
        Either way, when apply nodes are chained the inner (earlier) node's maps run first, as the
        graph reads. The transport runs one Triton kernel on CUDA (act_core.kernels), the PyTorch
        reference elsewhere.
-fused: maps folded into the weights of the layer that produces the activation, as ComfyUI weight
-       patches (the same mechanism as a LoRA): no per-step cost, and ComfyUI applies them however it
-       holds the model (fully on the GPU, offloaded, or partially loaded with weights cast per call).
-       The fold starts from the weights this clone would compute with (the original weights plus
-       the clone's earlier patches: LoRAs, earlier apply nodes), never from whatever another clone
-       left patched in the shared module, and the differences are kept in float32 where ComfyUI
-       keeps patches (the offload device).
+The sampling window is read at each call from the model_sampling the sampled model holds then, so a
+ModelSampling node placed after Apply moves the window with the schedule it sets.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from ..act_core import TransportMaps, check_strength, kernels
 from ..act_core.modules import Hook, hooks_installed  # noqa: F401  (collection uses it from here too)
+from .folding import HookFold, LaterPatchCheck, fold_patches, folds_exactly, has_weight_and_bias
 from .model_layers import ActError, check_maps_fit, clip_modules, is_unet_layer, unet_modules
 
 log = logging.getLogger("comfyui_act")
 
-MODES = ("exact", "fused")
+EXACT = "exact"
+FOLD_ALL = "fold all (approximate)"
+MODES = (EXACT, FOLD_ALL)
+# Workflows saved before the rename say "fused": it still does what it did (fold every map).
+LEGACY_MODES = {"fused": FOLD_ALL}
 BRANCHES = ("conditional and unconditional", "conditional only")
+
+
+def check_mode(mode: str) -> str:
+    """The mode as this version names it; "fused" (older workflows) is "fold all (approximate)"."""
+    if mode in MODES:
+        return mode
+    if mode in LEGACY_MODES:
+        return LEGACY_MODES[mode]
+    raise ActError(f"mode {mode!r} is unknown; choose one of {', '.join(MODES)} on Apply Transport Maps")
+
+
+@dataclass
+class Placement:
+    """Where each mapped layer of one apply went: folded into weights, or run per step."""
+
+    folded: list[str] = field(default_factory=list)
+    per_step: list[str] = field(default_factory=list)
+
+    def __iadd__(self, other: "Placement") -> "Placement":
+        self.folded += other.folded
+        self.per_step += other.per_step
+        return self
+
+    def summary(self, part: str, when: str = "per step") -> str:
+        return f"{part}: {len(self.folded)} layers folded into weights, {len(self.per_step)} run {when}"
+
 
 def original_or_patched(patcher, key: str, owner: torch.nn.Module, attribute: str):
     """The callable an object patch on `key` must wrap: an earlier object patch on this clone, else the
@@ -64,12 +104,21 @@ def _steered_forward(inner: Callable, hooks_for_call: Callable[[tuple, dict], li
 
 
 class _CallState:
-    """Whether the current diffusion-model call is steered, and which batch rows (None: all)."""
+    """Whether the current diffusion-model call is steered, and which batch rows (None: all). Entered
+    and left once per call; a call inside a call pushes its own state and restores the outer one."""
 
     def __init__(self):
         self.active = False
         self.rows: torch.Tensor | None = None
+        self._outer: list[tuple[bool, torch.Tensor | None]] = []
         self._index_cache: dict = {}
+
+    def enter(self, active: bool, rows: torch.Tensor | None) -> None:
+        self._outer.append((self.active, self.rows))
+        self.active, self.rows = active, rows
+
+    def leave(self) -> None:
+        self.active, self.rows = self._outer.pop()
 
     def conditional_rows(self, transformer_options: dict, batch: int, device: torch.device) -> torch.Tensor:
         """Rows of the batch that belong to the conditional branch (cond_or_uncond marks 0 = cond), as
@@ -85,55 +134,86 @@ class _CallState:
         return rows
 
 
+class _Window:
+    """The sampling window as sigmas, from the model_sampling of the model being sampled, recomputed
+    only when that object changes (a ModelSampling node after Apply replaces it)."""
+
+    def __init__(self, base_model, start_percent: float, end_percent: float):
+        self.base_model = base_model
+        self.start_percent, self.end_percent = start_percent, end_percent
+        self._sampling = None
+        self._sigmas = (0.0, 0.0)
+
+    def contains(self, sigma: float) -> bool:
+        sampling = self.base_model.model_sampling
+        if sampling is not self._sampling:
+            self._sigmas = (float(sampling.percent_to_sigma(self.start_percent)),
+                            float(sampling.percent_to_sigma(self.end_percent)))
+            self._sampling = sampling
+        sigma_start, sigma_end = self._sigmas
+        return sigma_end <= sigma <= sigma_start
+
+
 def steer_model(model, maps: TransportMaps, strength: float, start_percent: float = 0.0,
-                end_percent: float = 1.0, branch: str = BRANCHES[0], mode: str = "exact"):
-    """A clone of MODEL whose diffusion-model activations are transported with `strength`."""
+                end_percent: float = 1.0, branch: str = BRANCHES[0], mode: str = EXACT, fold: bool = True):
+    """A clone of MODEL whose diffusion-model activations are transported with `strength`.
+    fold=False runs every map per step (the reference the folds are checked against)."""
+    return steer_model_placed(model, maps, strength, start_percent, end_percent, branch, mode, fold)[0]
+
+
+def steer_model_placed(model, maps: TransportMaps, strength: float, start_percent: float = 0.0,
+                       end_percent: float = 1.0, branch: str = BRANCHES[0], mode: str = EXACT,
+                       fold: bool = True) -> tuple:
+    """steer_model, and the Placement of its layers."""
     strength = check_strength(strength)
+    mode = check_mode(mode)
+    if branch not in BRANCHES:
+        raise ActError(f"branch {branch!r} is unknown; choose one of {', '.join(BRANCHES)} on Apply Transport Maps")
     layers = {n: m for n, m in maps.items() if is_unet_layer(n)}
     check_maps_fit(TransportMaps(layers, maps.info), model=model)
     patched = model.clone()
     if strength == 0.0 or not layers:
-        return patched
+        return patched, Placement()
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ActError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent}); "
                        "fix them on Apply Transport Maps")
     modules = unet_modules(model)
     whole_window = start_percent == 0.0 and end_percent == 1.0
-    if mode == "fused":
-        if whole_window and branch == BRANCHES[0]:
-            layers = _fold(patched, layers, modules, strength)
-        else:
-            log.warning("ComfyUI-ACT: fused mode cannot limit the sampling window or the branch; "
-                        "using exact mode for the diffusion model")
+    if whole_window and branch == BRANCHES[0]:
+        placement = _fold(patched, layers, modules, strength, mode, fold)
+    else:
+        if mode == FOLD_ALL:
+            log.warning("ComfyUI-ACT: folding cannot limit the sampling window or the branch; "
+                        "the diffusion model is steered per step (exact)")
+        placement = Placement(per_step=list(layers))
+    layers = {n: layers[n] for n in placement.per_step}
     if not layers:
-        return patched
+        return patched, placement
 
-    model_sampling = model.get_model_object("model_sampling")
-    sigma_start = float(model_sampling.percent_to_sigma(start_percent))
-    sigma_end = float(model_sampling.percent_to_sigma(end_percent))
+    window = None if whole_window else _Window(model.model, start_percent, end_percent)
     state = _CallState()
     for name, layer in layers.items():
         key = f"{name}.forward"
         inner = original_or_patched(patched, key, modules[name], "forward")
         patched.add_object_patch(key, _transported_forward(inner, kernels.transport(layer, strength), state))
 
-    def begin_call(args: tuple, kwargs: dict) -> None:
+    def call_state(args: tuple, kwargs: dict) -> tuple[bool, torch.Tensor | None]:
         options = kwargs.get("transformer_options") or {}
         sigmas = options.get("sigmas")
-        if sigmas is not None and not whole_window:
-            sigma = float(sigmas.flatten()[0])
-            if sigma > sigma_start or sigma < sigma_end:
-                state.active = False
-                return
+        if window is not None and sigmas is not None and not window.contains(float(sigmas.flatten()[0])):
+            return False, None
+        if branch == BRANCHES[0]:
+            return True, None
         x = args[0] if args else kwargs.get("x")
-        state.rows = state.conditional_rows(options, x.shape[0], x.device) if branch == BRANCHES[1] else None
-        state.active = True
+        rows = state.conditional_rows(options, x.shape[0], x.device)
+        # A call that holds only unconditional rows is left alone: nothing to move, nothing to copy.
+        return (True, rows) if rows.numel() else (False, None)
 
     key = "diffusion_model.forward"
     dm = model.model.diffusion_model
     inner = original_or_patched(patched, key, dm, "forward")
-    patched.add_object_patch(key, _call_scoped_forward(inner, begin_call, state))
-    return patched
+    patched.add_object_patch(key, _call_scoped_forward(inner, call_state, state))
+    return patched, placement
 
 
 def _transported_forward(inner: Callable, move: Callable[[torch.Tensor], torch.Tensor], state: _CallState):
@@ -154,79 +234,80 @@ def _transported_forward(inner: Callable, move: Callable[[torch.Tensor], torch.T
     return forward
 
 
-def _call_scoped_forward(inner: Callable, begin_call: Callable[[tuple, dict], None], state: _CallState):
-    """The diffusion model's forward, with the layers' state set for this call and cleared after it,
-    so that the layers never move anything outside a call of this clone (an interrupt included)."""
+def _call_scoped_forward(inner: Callable, call_state: Callable[[tuple, dict], tuple], state: _CallState):
+    """The diffusion model's forward, with the layers' state set for this call and the caller's state
+    restored after it, so that the layers never move anything outside a call of this clone (an
+    interrupt included) and a nested call leaves the outer call's steering as it was."""
     def forward(*args, **kwargs):
-        begin_call(args, kwargs)
+        state.enter(*call_state(args, kwargs))
         try:
             return inner(*args, **kwargs)
         finally:
-            state.active = False
+            state.leave()
     return forward
 
 
-def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = "exact"):
+def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = EXACT, fold: bool = True):
     """A clone of CLIP whose text-encoder activations are transported with `strength`."""
+    return steer_clip_placed(clip, maps, strength, mode, fold)[0]
+
+
+def steer_clip_placed(clip, maps: TransportMaps, strength: float, mode: str = EXACT, fold: bool = True) -> tuple:
     strength = check_strength(strength)
+    mode = check_mode(mode)
     layers = {n: m for n, m in maps.items() if not is_unet_layer(n)}
     check_maps_fit(TransportMaps(layers, {}), clip=clip)
     patched = clip.clone()
     if strength == 0.0 or not layers:
-        return patched
+        return patched, Placement()
     modules = clip_modules(clip)
-    if mode == "fused":
-        layers = _fold(patched.patcher, layers, modules, strength)
+    placement = _fold(patched.patcher, layers, modules, strength, mode, fold)
     by_encoder: dict[str, list] = {}
-    for name, layer in layers.items():
-        by_encoder.setdefault(name.split(".", 1)[0], []).append((modules[name], _map_hook(layer, strength)))
+    for name in placement.per_step:
+        by_encoder.setdefault(name.split(".", 1)[0], []).append((modules[name], _map_hook(layers[name], strength)))
     stage = clip.cond_stage_model
     for encoder, hooks in by_encoder.items():
         key = f"{encoder}.forward"
         inner = original_or_patched(patched.patcher, key, getattr(stage, encoder), "forward")
         patched.patcher.add_object_patch(key, _steered_forward(inner, lambda _args, _kwargs, h=hooks: h))
-    return patched
+    return patched, placement
 
 
-def _weight_as_patched(patcher, key: str) -> torch.Tensor:
-    """The float32 weight `key` as this clone computes with it: the original weight (ComfyUI's backup
-    when another load patched the shared module in place), dequantised where stored quantised, plus
-    the clone's own earlier patches. On the device the weight is on now."""
-    import comfy.lora
-    import comfy.model_patcher
-    weight, _set, convert = comfy.model_patcher.get_key_weight(patcher.model, key)
-    backup = patcher.backup.get(key)
-    if backup is not None:
-        weight = backup.weight
-    weight = weight.detach().to(torch.float32, copy=True)
-    if convert is not None:
-        weight = convert(weight, inplace=True)
-    earlier = patcher.patches.get(key)
-    return comfy.lora.calculate_weight(earlier, weight, key) if earlier else weight
+def _wrapped(patcher, name: str) -> bool:
+    """Whether an earlier object patch may move this layer's output: one on the layer's forward, or
+    on its text encoder's forward (how text-encoder maps run per encode). The diffusion model's own
+    forward patch only sets per-call state."""
+    encoder = name.split(".", 1)[0]
+    return f"{name}.forward" in patcher.object_patches or (
+        encoder != "diffusion_model" and f"{encoder}.forward" in patcher.object_patches)
 
 
-def _fold(patcher, layers: dict, modules: dict, strength: float) -> dict:
-    """Fold what can be folded into weight patches on `patcher`; return the layers left for exact hooks."""
-    left = {}
-    patches = {}
-    keep = getattr(patcher, "offload_device", None) or torch.device("cpu")
+def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold: bool) -> Placement:
+    """Fold into weight patches on `patcher` what the mode folds; the rest is left to run per step."""
+    import comfy.patcher_extension
+    placement = Placement()
+    patches: dict = {}
+    rows: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        module = modules[name]
-        if not isinstance(getattr(module, "weight", None), torch.Tensor) or not isinstance(
-                getattr(module, "bias", None), torch.Tensor):
-            left[name] = layer
+        keys = (f"{name}.weight", f"{name}.bias")
+        can = fold and has_weight_and_bias(modules[name], layer.dim)
+        if can and mode == EXACT:
+            can = (folds_exactly(layer, strength) and not _wrapped(patcher, name)
+                   and not any(k in patcher.weight_wrapper_patches for k in keys))
+        if not can:
+            placement.per_step.append(name)
             continue
-        source = layer.inverse() if strength < 0 else layer
-        d_weight, d_bias = source.fold(_weight_as_patched(patcher, f"{name}.weight"),
-                                       _weight_as_patched(patcher, f"{name}.bias"))
-        patches[f"{name}.weight"] = (d_weight.to(keep),)
-        patches[f"{name}.bias"] = (d_bias.to(keep),)
+        placement.folded.append(name)
+        layer_patches = fold_patches(layer, name, strength)
+        patches.update(layer_patches)
+        for key, patch in layer_patches.items():
+            rows[key] = 1.0 + abs(strength) * patch.slope
     if patches:
         accepted = set(patcher.add_patches(patches, abs(strength)))
         missing = sorted(set(patches) - accepted)
         if missing:
             raise ActError(f"ComfyUI refused weight patches for {len(missing)} layers (e.g. {missing[0]}); "
-                           "use mode 'exact' on Apply Transport Maps")
-    if left:
-        log.info("ComfyUI-ACT fused mode: %d layers have no weight and bias to fold into and run exactly", len(left))
-    return left
+                           "set mode 'exact' on Apply Transport Maps and report the model")
+        patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, HookFold(rows))
+        patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, LaterPatchCheck(patches))
+    return placement

@@ -88,7 +88,8 @@ def test_fused_matches_exact_for_ungated_token_maps(pack, sd15):
                           pattern=r"(norm[123]|layer_norm[12])$")[0]
     maps = fit(pack, activations, support="all")
     assert all(l.kind == "token" and not l.gated for l in maps.values())
-    exact = sample(*apply(pack, model, maps, 0.8, clip, "exact"))
+    steering = pack.nodes.steering  # the reference: every map run per step on its layer's output
+    exact = sample(steering.steer_model(model, maps, 0.8, fold=False), steering.steer_clip(clip, maps, 0.8, fold=False))
     fused = sample(*apply(pack, model, maps, 0.8, clip, "fused"))
     assert torch.allclose(exact, fused, atol=1e-3, rtol=1e-3)
     fused_model, _ = apply(pack, model, maps, 0.8, None, "fused")

@@ -100,11 +100,11 @@ for method in ("linear", "gaussian"):
                 kind="conv" if conv else "token")
     maps = pack.act_core.TransportMaps(layers, {"family": "SD1.x"})
     before = len(launches)
-    result[method] = unet_call(steering.steer_model(model, maps, 0.8, mode="exact"))
+    result[method] = unet_call(steering.steer_model(model, maps, 0.8, mode="exact", fold=False))
     result[method + "_launches"] = len(launches) - before
     kernels.ENABLED = False
     before = len(launches)
-    result[method + "_reference"] = unet_call(steering.steer_model(model, maps, 0.8, mode="exact"))
+    result[method + "_reference"] = unet_call(steering.steer_model(model, maps, 0.8, mode="exact", fold=False))
     result[method + "_reference_launches"] = len(launches) - before
     kernels.ENABLED = True
     result["layers"] = len(layers)
