@@ -25,7 +25,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 import nodes as comfy_nodes
-from act_core import load_maps, save_maps
+from act_core import fit_layer, load_maps, save_maps
 from act_core.diffusers import PipelineLayers, TranslationError, collect_activations, fit_maps, steer
 from conftest import COMFY_DIR, PACK_DIR
 from make_models import TINY_CLIP, TINY_VAE, checkpoint_state_dict
@@ -289,15 +289,50 @@ def comfy_collect(pack, model, clip, where="both", batch_size=16):
                         resolution=RESOLUTION, noise_levels=1, batch_size=batch_size, seed=0).args[0]
 
 
-def plain_hook_collection(pipe, names: list[str]) -> dict[str, torch.Tensor]:
-    """An oracle sharing nothing with act_core.diffusers but the name table: tokenizers, text encoders and
-    the UNet called by hand, plain forward hooks, means over tokens / pixels."""
+def transported(layer, out: torch.Tensor, strength: float) -> torch.Tensor:
+    """A map applied to one layer's output as the method defines it (act_core.maps' docstring), written
+    out here rather than taken from LayerMap.apply, which both hosts use: token maps move each element
+    inside [lo, hi] to z + s ((scale - 1) z + shift); conv maps move the channel's spatial mean ("mean"
+    form) or every pixel ("pixel" form) by s ((scale - 1) v + shift) where the channel's mean lies in
+    [lo, hi]. Strengths >= 0 only."""
+    assert strength >= 0
+    x = out.float()
+    scale, shift, lo, hi = (t.to(x.device) for t in (layer.scale, layer.shift, layer.lo, layer.hi))
+    if layer.kind == "token":
+        return torch.where((x >= lo) & (x <= hi), x + strength * ((scale - 1) * x + shift), x).to(out.dtype)
+    scale, shift, lo, hi = (t.view(-1, 1, 1) for t in (scale, shift, lo, hi))
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    moved = mean if layer.form == "mean" else x
+    return (x + strength * ((scale - 1) * moved + shift) * ((mean >= lo) & (mean <= hi))).to(out.dtype)
+
+
+class _Stop(Exception):
+    pass
+
+
+def plain_hook_pass(pipe, record: list[str], maps: dict | None = None, stop_after: str | None = None):
+    """An oracle sharing nothing with act_core.diffusers but the name table: all prompts in one batch
+    through tokenizers, text encoders and the UNet called by hand, plain forward hooks that pool the
+    `record` layers' outputs (means over tokens / pixels) and move the `maps` layers' outputs with
+    `transported` (strength 1), stopping after `stop_after`. Returns {layer: (pooled [prompts, D], kind)}
+    and the order in which the recorded layers ran."""
     layers = PipelineLayers(pipe)
-    targets = layers.to_diffusers(names)
-    pooled_by_layer: dict[str, torch.Tensor] = {}
-    handles = [layers.module(d).register_forward_hook(
-        lambda _m, _i, out, n=n: pooled_by_layer.__setitem__(n, out.float().mean(dim=(2, 3) if out.ndim == 4 else 1)))
-        for n, d in targets.items()]
+    maps = maps or {}
+    targets = layers.to_diffusers(sorted(set(record) | set(maps)))
+    pooled_by_layer: dict[str, tuple[torch.Tensor, str]] = {}
+    order: list[str] = []
+
+    def hook(name):
+        def run(_module, _inputs, out):
+            if name in record and name not in pooled_by_layer:
+                pooled_by_layer[name] = (out.float().mean(dim=(2, 3) if out.ndim == 4 else 1),
+                                         "conv" if out.ndim == 4 else "token")
+                order.append(name)
+            if name == stop_after:
+                raise _Stop
+            return transported(maps[name], out, 1.0) if name in maps else out
+        return run
+    handles = [layers.module(d).register_forward_hook(hook(n)) for n, d in targets.items()]
     prompts = SOURCE + TARGET
     try:
         with torch.no_grad():
@@ -316,10 +351,29 @@ def plain_hook_collection(pipe, names: list[str]) -> dict[str, torch.Tensor]:
             noise = torch.stack([torch.randn((4, RESOLUTION // 8, RESOLUTION // 8), generator=torch.Generator().manual_seed(i))
                                  for i in list(range(len(SOURCE))) * 2])
             pipe.unet(noise, torch.tensor([999.0] * len(prompts)), encoder_hidden_states=cond, **kwargs)
+    except _Stop:
+        pass
     finally:
         for handle in handles:
             handle.remove()
-    return pooled_by_layer
+    return pooled_by_layer, order
+
+
+def plain_hook_collection(pipe, names: list[str]) -> dict[str, torch.Tensor]:
+    return {n: pooled for n, (pooled, _kind) in plain_hook_pass(pipe, names)[0].items()}
+
+
+def plain_hook_incremental(pipe, names: list[str], method: str = "linear", support: str = "all"):
+    """The incremental fit as the method defines it, layer by layer in the order the layers run: each
+    layer's map fitted (act_core.fit_layer, the estimator alone) from its activations with the maps of
+    all earlier layers applied. Returns the maps and each layer's source activations."""
+    _, order = plain_hook_pass(pipe, names)
+    maps, sources = {}, {}
+    for name in order:
+        pooled, kind = plain_hook_pass(pipe, [name], maps, stop_after=name)[0][name]
+        sources[name] = pooled[:len(SOURCE)]
+        maps[name] = fit_layer(pooled[:len(SOURCE)], pooled[len(SOURCE):], method, support, kind=kind)
+    return maps, sources
 
 
 def test_pooled_activations_agree_across_hosts(pack, case):
@@ -347,6 +401,21 @@ def comfy_apply(pack, model, clip, maps, strength):
         model, maps, strength, 0.0, 1.0, "conditional and unconditional", "exact", clip).args
 
 
+def plain_hook_steered(pipe, maps, strength: float, x, t):
+    """The conditioning and the UNet's output with every map (of the layers the pipeline has) applied by
+    `transported` through plain forward hooks."""
+    layers = PipelineLayers(pipe)
+    present = [n for n in maps if n in layers.modules("both")]
+    handles = [layers.module(d).register_forward_hook(lambda _m, _i, out, layer=maps[n]: transported(layer, out, strength))
+               for n, d in layers.to_diffusers(present).items()]
+    try:
+        cond, pooled = diffusers_encode(pipe, "a lighthouse at dusk")
+        return cond, diffusers_unet_output(pipe, x, t, cond, pooled, RESOLUTION)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def assert_steered_alike(pack, model, clip, pipe, maps, strength):
     plain = comfy_step(model, clip, "a lighthouse at dusk")
     steered_model, steered_clip = comfy_apply(pack, model, clip, maps, strength)
@@ -356,6 +425,10 @@ def assert_steered_alike(pack, model, clip, pipe, maps, strength):
         ours = diffusers_unet_output(pipe, comfy["x"], comfy["t"], cond, pooled, RESOLUTION)
     assert relative_error(cond, comfy["context"]) <= RELATIVE
     assert relative_error(ours, comfy["out"]) <= RELATIVE
+    # Both agree with the maps applied by plain forward hooks and the method's own arithmetic.
+    oracle_cond, oracle_out = plain_hook_steered(pipe, maps, strength, comfy["x"], comfy["t"])
+    assert relative_error(comfy["context"], oracle_cond) <= RELATIVE
+    assert relative_error(comfy["out"], oracle_out) <= RELATIVE
     # The maps really moved the output, far beyond the tolerance, and the hooks are gone afterwards.
     assert relative_error(plain["out"], comfy["out"]) > 100 * RELATIVE
     cond_after, pooled_after = diffusers_encode(pipe, "a lighthouse at dusk")
@@ -410,12 +483,26 @@ def test_both_hosts_fit_the_same_maps(pack, case):
     assert_same_maps(pack, model, clip, pipe, "diffusion model", batch_size=16)
 
 
-def test_maps_fitted_in_several_batches_equal_the_packs(pack, request):
+def test_maps_fitted_in_several_batches_equal_the_plain_hook_reference(pack, request):
     """Prompts in four batches of up to 5 (sources and targets mixed in one, the last one short): the pack
-    fits exactly by replaying units, diffusers layer by layer; both must give the layer-by-layer
-    reference's maps, the text encoder's layers and the UNet's after them included."""
+    fits by replaying units, diffusers layer by layer; both must give the maps of the method's
+    incremental fit computed here with plain hooks, all prompts in one batch, layer by layer in the order
+    the layers run, the text encoder's layers and the UNet's after them included."""
     model, clip, _vae = request.getfixturevalue("sd15")
-    assert_same_maps(pack, model, clip, pipeline_for(request, "sd15", "SD1.x"), "both", batch_size=5)
+    pipe = pipeline_for(request, "sd15", "SD1.x")
+    activations = comfy_collect(pack, model, clip, where="both", batch_size=5)
+    assert len(activations.collector.batches()) == 4
+    comfy = pack.nodes.nodes_learn.FitTransportMaps.execute(activations, "linear", "method default", "incremental").args[0]
+    ours = fit_maps(collect_activations(pipe, SOURCE, TARGET, where="both", resolution=RESOLUTION, batch_size=5))
+    reference, sources = plain_hook_incremental(pipe, activations.order)
+    assert any(not n.startswith("diffusion_model.") for n in reference) and len(reference) > 20
+    assert list(comfy) == list(reference) and list(ours) == list(reference)
+    # As in assert_same_maps: compared by the maps' values on the source activations.
+    for name, expected in reference.items():
+        moved = expected.scale * sources[name] + expected.shift
+        for fitted in (comfy, ours):
+            assert relative_error(fitted[name].scale * sources[name] + fitted[name].shift, moved) <= RELATIVE, name
+            assert torch.equal(fitted[name].lo, expected.lo) and torch.equal(fitted[name].hi, expected.hi), name
 
 
 def test_maps_of_another_family_are_refused(pack, request):

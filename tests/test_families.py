@@ -15,6 +15,7 @@ import folder_paths
 import nodes as comfy_nodes
 from act_core import LayerMap, TransportMaps
 from conftest import sample as conftest_sample
+from pack_loader import load_pack
 from test_exact_estimation import FALLBACK, assert_same_maps
 from test_learn import all_hooks, collect, fit
 
@@ -24,6 +25,11 @@ NEW = [("FLUX.1", "flux"), ("SD3", "sd3")]
 THINGS = ["a house", "a dog", "a street", "a kitchen", "a beach", "a car", "a forest", "a cat"]
 SOURCE = "\n".join(f"a photo of {t} with a pink elephant" for t in THINGS)
 TARGET = "\n".join(f"a photo of {t}" for t in THINGS)
+MODES = load_pack().nodes.steering.MODES
+# Linear layers of both token streams (and FLUX's single-stream blocks): a token map on a linear
+# layer's output folds exactly into its weight and bias, which these models' norms do not have.
+LINEAR_LAYERS = {"flux": r"(img_attn\.proj|txt_mlp\.2|single_blocks\.\d+\.linear2)$",
+                 "sd3": r"(x_block\.attn\.proj|context_block\.mlp\.fc2)$"}
 
 
 def sample(model, clip, vae=None):
@@ -122,16 +128,79 @@ def test_strength_zero_is_bit_identical_the_dial_is_monotonic_and_fused_equals_e
     assert torch.equal(sample(model, clip, vae), plain)  # the unpatched model is untouched
 
 
-def test_two_apply_nodes_chain_on_flux(pack, flux, maps_by_family):
+def reference_sample(model, clip, chain, vae=None):
+    """What sampling gives when each map of `chain` ([(maps, strength), ...], applied in that order) is
+    applied by the reference LayerMap.apply through plain forward hooks on the unpatched model: an
+    unfolded reference sharing nothing with the pack's patching."""
+    modules = dict(model.model.named_modules())
+    names = {n for maps, _ in chain for n in maps}
+
+    def hook(name):
+        def move(_module, _inputs, output):
+            for maps, strength in chain:
+                if name in maps:
+                    output = maps[name].apply(output, strength)
+            return output
+        return move
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        return sample(model, clip, vae)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def close(a, b, tolerance=1e-4):
+    return torch.allclose(a, b, atol=tolerance, rtol=tolerance)
+
+
+def test_two_apply_nodes_chain_on_flux_as_the_composed_map(pack, flux, maps_by_family):
+    """Apply A then Apply B must steer as B after A, layer by layer, computed with plain hooks; the
+    reversed composition (B, then A) is far from it, so an apply chain in the wrong order fails."""
     model, clip, _ = flux
     first = maps_by_family["flux"]
     second = TransportMaps({n: LayerMap(torch.full_like(l.scale, 0.9), l.shift * 0 + 0.05, l.lo * 0 - float("inf"),
                                         l.hi * 0 + float("inf"), l.kind) for n, l in first.items()}, first.info)
     once = apply(pack, model, first)[0]
     assert torch.equal(sample(apply(pack, once, second, 0.0)[0], clip), sample(once, clip))
-    both = sample(apply(pack, once, second)[0], clip)
-    assert not torch.equal(both, sample(once, clip))
-    assert not torch.equal(both, sample(apply(pack, model, second)[0], clip))
+    both = sample(apply(pack, once, second, 0.8)[0], clip)
+    composed = reference_sample(model, clip, [(first, 1.0), (second, 0.8)])
+    reversed_order = reference_sample(model, clip, [(second, 0.8), (first, 1.0)])
+    assert close(both, composed)
+    assert not close(both, reversed_order, 1e-2)
+    assert not close(both, sample(once, clip), 1e-2)
+
+
+@pytest.fixture(scope="module")
+def linear_maps_by_family(pack, flux, sd3):
+    """Ungated Gaussian maps on linear layers of each family: every element is moved, so the fold is exact."""
+    found = {}
+    for fixture, (model, clip, _) in (("flux", flux), ("sd3", sd3)):
+        activations = collect_small(pack, model, clip, layers="custom pattern", pattern=LINEAR_LAYERS[fixture])[0]
+        found[fixture] = fit(pack, activations, method="gaussian", support="all")
+    return found
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fixture", ["flux", "sd3"])
+def test_maps_on_linear_layers_steer_as_the_unfolded_reference(pack, request, linear_maps_by_family, fixture,
+                                                               mode):
+    """On layers with a weight and a bias to fold into, a mode that folds really does (a weight and a
+    bias patch per mapped layer), and every mode samples what the plain-hook reference samples."""
+    model, clip, _ = request.getfixturevalue(fixture)
+    maps = linear_maps_by_family[fixture]
+    modules = pack.nodes.model_layers.unet_modules(model)
+    assert len(maps) >= 3 and all(isinstance(modules[n], torch.nn.Linear) and modules[n].bias is not None
+                                  for n in maps)
+    assert all(layer.kind == "token" and not layer.gated for layer in maps.values())
+    steered = apply(pack, model, maps, 0.7, mode=mode)[0]
+    if mode != "exact":
+        assert set(steered.patches) == {f"{n}.{p}" for n in maps for p in ("weight", "bias")}
+    image = sample(steered, clip)
+    reference = reference_sample(model, clip, [(maps, 0.7)])
+    plain = sample(model, clip)
+    assert not close(reference, plain, 1e-2)
+    assert close(image, reference)
 
 
 def test_maps_save_load_and_steer_alike(pack, sd3, maps_by_family):

@@ -11,8 +11,11 @@ import comfy.model_patcher
 import comfy.utils
 from conftest import sample
 from make_models import _model_config, randomize, unet_config
+from pack_loader import load_pack
 from test_apply import apply
 from test_learn import collect, fit
+
+MODES = load_pack().nodes.steering.MODES
 
 
 @pytest.fixture(scope="module")
@@ -79,36 +82,103 @@ def test_chained_fused_nodes_compose_like_chained_exact_nodes(pack, sd15, gaussi
     assert close(exact, fused) and not close(fused, only_second, 1e-2)
 
 
-def _unet_output(patcher, lowvram_memory: int):
-    """One diffusion-model call with the model loaded fully (0) or partially (the bytes it may hold)."""
-    comfy.model_management.unload_all_models()
+def _inputs():
     g = torch.Generator().manual_seed(3)
-    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g)
+
+
+def _unet_output(patcher, lowvram_memory: int, hooks: dict | None = None):
+    """One diffusion-model call with the model loaded fully (0) or partially (the bytes it may hold),
+    with plain forward hooks on named modules if given. Returns the output, whether ComfyUI loaded the
+    model partially, how many weights it patches per call, and the mapped modules it casts per call."""
+    comfy.model_management.unload_all_models()
+    x, context = _inputs()
     patcher.patch_model(device_to=patcher.load_device, lowvram_model_memory=lowvram_memory)
+    diffusion_model = patcher.model.diffusion_model
+    handles = [diffusion_model.get_submodule(n.removeprefix("diffusion_model.")).register_forward_hook(h)
+               for n, h in (hooks or {}).items()]
     try:
         partial = patcher.model.model_lowvram
         cast_per_call = patcher.lowvram_patch_counter()
+        cast = {n for n, m in diffusion_model.named_modules() if getattr(m, "comfy_cast_weights", False)}
         with torch.no_grad():
             out = patcher.model.apply_model(x, torch.tensor([5.0, 5.0]), c_crossattn=context)
     finally:
+        for handle in handles:
+            handle.remove()
         patcher.unpatch_model(device_to=patcher.offload_device)
-    return out, partial, cast_per_call
+    return out, partial, cast_per_call, cast
 
 
-@pytest.mark.parametrize("mode", ["exact", "fused"])
-def test_partially_loaded_model_gives_what_the_fully_loaded_one_gives(pack, sd15, gaussian_maps, mode):
-    model, _, _ = sd15
+def reference_output(model, maps, strength: float):
+    """The unpatched model, fully loaded, with each map applied to its layer's output by the reference
+    LayerMap.apply through plain forward hooks: shares nothing with the pack's patching or folding."""
+    hooks = {n: (lambda _m, _i, out, layer=layer: layer.apply(out, strength))
+             for n, layer in maps.items() if n.startswith("diffusion_model.")}
+    out, partial, _, _ = _unet_output(model, 0, hooks)
+    assert not partial
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd15_fp16_stored(sd15):
+    """The tiny SD1.5 UNet with its weights stored in fp16 and computed in float32 (ComfyUI's manual
+    cast, as a fp16 checkpoint on a card without fast fp16 runs): every layer casts its weights on each
+    call, and a partial load adds the weight patches of the layers left out to that cast."""
+    import comfy.model_management as mm
+    cfg = _model_config("SD15", unet_config("SD15"))
+    cfg.set_inference_dtype(torch.float16, torch.float32)
+    base = cfg.get_model({}, "")
+    randomize(base.diffusion_model, 0)
+    base.eval()
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    assert norm_weight(patcher).dtype == torch.float16 and base.manual_cast_dtype == torch.float32
+    return patcher
+
+
+def rms(t: torch.Tensor) -> float:
+    return t.float().pow(2).mean().sqrt().item()
+
+
+@pytest.mark.parametrize("stored", ["float32", "float16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_partially_loaded_model_gives_the_unfolded_reference(pack, request, sd15, gaussian_maps, mode, stored):
+    """Half the model loaded (ComfyUI's lowvram_model_memory): the layers left out have their weights
+    cast and their weight patches applied on every call (LowVramPatch), the others are patched in place.
+    Either way the output must be the reference's: the unpatched, fully loaded model with the maps
+    applied by LayerMap.apply through plain forward hooks.
+
+    With fp16-stored weights every layer also casts fp16 -> float32 per call, and folded weights
+    are rounded to fp16 where ComfyUI patches them in place (not where it patches per call), so the
+    folded result is held to the rounding that fp16 storage itself costs: the float32 model's
+    output against the same model stored in fp16.
+
+    What a CPU cannot exercise: here the load and offload devices are the same, so ComfyUI's copy of
+    weights and patches from the offload device to the card on each call is not run (bench/gpu-check
+    runs the same comparison on a card)."""
+    model = sd15[0] if stored == "float32" else request.getfixturevalue("sd15_fp16_stored")
     steered, _ = apply(pack, model, gaussian_maps, 0.8, None, mode)
-    full, partial_flag, _ = _unet_output(steered, 0)
-    assert not partial_flag
+    if mode != "exact":
+        assert steered.patches  # this mode folds: the maps are weight patches
     half = steered.model_size() // 2
-    partial, partial_flag, cast_per_call = _unet_output(steered, half)
-    assert partial_flag
-    if mode == "fused":
+    partial, partial_flag, cast_per_call, cast = _unet_output(steered, half)
+    assert partial_flag and cast
+    if steered.patches:
         assert cast_per_call > 0  # some folded weights are patched per call, not in place
-    plain, _, _ = _unet_output(model, half)
-    assert not close(partial, plain, 1e-2)
-    assert close(partial, full, 1e-5)
+    mapped = {n.removeprefix("diffusion_model.") for n in gaussian_maps if n.startswith("diffusion_model.")}
+    assert mapped & cast  # some mapped layers are among those ComfyUI casts (and patches) per call
+    if stored == "float16":
+        assert mapped <= cast  # every mapped layer casts its fp16 weights to float32 on each call
+    reference = reference_output(model, gaussian_maps, 0.8)
+    plain = _unet_output(model, half)[0]
+    assert partial.dtype == reference.dtype == torch.float32
+    assert rms(reference - plain) > 0.01 * rms(plain)  # the maps move the output
+    if stored == "float32":
+        assert close(partial, reference, 1e-5)
+    else:
+        unrounded = _unet_output(sd15[0], 0)[0]  # the same weights before fp16 rounded them
+        assert rms(partial - reference) <= rms(plain - unrounded)
     assert not any(m._forward_hooks for m in model.model.modules())  # no hook outlives a call
 
 
