@@ -201,7 +201,7 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
     whole moved activation. Per layer and call, on a [B, D, H, W] or [..., D] activation:
         token ungated: 1 kernel (3 for fp16 in apply); gated: 4 (7)
         conv mean form: mean + a small multiply-add + 1 add (5 for fp16); gated: + 3 small ones
-        conv pixel form: 2 (4 for fp16); gated: mean + 4 small + 2 (8).
+        conv pixel form: 2 (5 for fp16); gated: mean + 4 small + 2 (8).
     float64 activations keep float64 arithmetic, as in apply."""
     strength = check_strength(strength)
     if strength == 0.0:
@@ -233,7 +233,8 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
             moved = torch.addcmul(b, a, x, out=torch.empty_like(x))
             inside = torch.clamp(x, lo, hi) == x  # lo <= x <= hi; false for NaN, as in apply
             return torch.where(inside, moved, x, out=moved)
-        mean = x.mean((-2, -1), dtype=compute)
+        if lo is not None or not pixel:  # an ungated pixel-form map needs no channel mean
+            mean = x.mean((-2, -1), dtype=compute)
         if lo is not None:
             inside = torch.clamp(mean, lo, hi) == mean
         if not pixel:
