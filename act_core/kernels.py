@@ -16,11 +16,19 @@ Forms, per element x of the output (a, b: the map's slope/offset at this strengt
     conv, "mean"    x' = x + gate(m) (a m + b),  m = the channel's spatial mean
     conv, "pixel"   x' = x + gate(m) (a x + b)
 
+Where the kernel cannot run, `transport` uses `reference_transport`: LayerMap.apply's arithmetic,
+bit for bit, in the fewest PyTorch kernels it takes (casts folded into the arithmetic, the gate as a
+clamp and a comparison, parameters settled once per device and dtype), for CPUs, MPS and GPUs without
+Triton. A kernel that fails to compile or launch (Triton installed without a working compiler, an old
+driver) switches its configuration to that path with one logged warning, never an error in sampling.
+
 With TRITON_INTERPRET=1 set before Triton is imported, the same kernels run on CPU tensors through
 Triton's interpreter (slowly): that is how the tests check them against the reference without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Callable
 
@@ -28,7 +36,9 @@ import torch
 
 from .maps import LayerMap, check_strength
 
-__all__ = ["available", "transport", "fast_apply", "ENABLED"]
+__all__ = ["available", "transport", "reference_transport", "fast_apply", "FastPath", "ENABLED"]
+
+log = logging.getLogger("comfyui_act")
 
 try:
     import triton
@@ -69,7 +79,9 @@ if triton is not None:
     @triton.jit
     def _conv_kernel(x_ptr, out_ptr, a_ptr, b_ptr, lo_ptr, hi_ptr, channels, pixels,
                      GATED: tl.constexpr, PIXEL: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per (sample, channel) row of `pixels` contiguous elements.
+        # One program per (sample, channel) row of `pixels` contiguous elements. The row is walked
+        # with `while`, not `range(0, pixels, BLOCK)`: Triton 3.6's interpreter cannot take a runtime
+        # bound in range() (it fails converting the bound to an int), compiled Triton takes either.
         row = tl.program_id(0).to(tl.int64)
         channel = row % channels
         base = row * pixels
@@ -78,9 +90,11 @@ if triton is not None:
         lanes = tl.arange(0, BLOCK)
         if GATED or not PIXEL:
             total = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, pixels, BLOCK):
+            start = tl.full([], 0, tl.int32)
+            while start < pixels:
                 index = start + lanes
                 total += tl.load(x_ptr + base + index, mask=index < pixels, other=0.0).to(tl.float32)
+                start += BLOCK
             mean = tl.sum(total, axis=0) / pixels
             if GATED:
                 lo = tl.load(lo_ptr + channel)
@@ -90,7 +104,8 @@ if triton is not None:
                 b = b * open_gate
             if not PIXEL:
                 delta = a * mean + b
-        for start in range(0, pixels, BLOCK):
+        start = tl.full([], 0, tl.int32)
+        while start < pixels:
             index = start + lanes
             mask = index < pixels
             x = tl.load(x_ptr + base + index, mask=mask, other=0.0).to(tl.float32)
@@ -99,6 +114,7 @@ if triton is not None:
             else:
                 y = x + delta
             tl.store(out_ptr + base + index, y.to(out_ptr.dtype.element_ty), mask=mask)
+            start += BLOCK
 
 
 def _launch(layer: LayerMap, x: torch.Tensor, params: tuple) -> torch.Tensor:
@@ -119,9 +135,47 @@ def _launch(layer: LayerMap, x: torch.Tensor, params: tuple) -> torch.Tensor:
     return out
 
 
+def _device_guard(x: torch.Tensor):
+    """Triton launches on the current CUDA device and its current stream: make that x's device, so a
+    model on cuda:1 is not computed on (or read from) cuda:0."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _launch_on_device(layer: LayerMap, x: torch.Tensor, params: tuple) -> torch.Tensor:
+    with _device_guard(x):
+        return _launch(layer, x, params)
+
+
 def _fast_ok(x: torch.Tensor) -> bool:
     return (x.dtype in _FAST_DTYPES and x.is_contiguous() and x.numel() > 0
             and (x.is_cuda or (_INTERPRETING and x.device.type == "cpu")))
+
+
+class FastPath:
+    """Which kernel configurations failed in this process, so each switches to the PyTorch path once.
+
+    A compile or launch failure is a property of the installation (Triton without a compiler, a
+    driver too old for the card), so it is remembered for as long as that installation is loaded: the
+    module keeps one instance, `PATH`, for the process; tests make their own. The first failure is
+    logged as a warning, later ones (other dtypes or forms failing the same way) at debug level."""
+
+    def __init__(self) -> None:
+        self.failed: set[tuple] = set()
+        self.warned = False
+
+    def fail(self, config: tuple, error: Exception) -> None:
+        self.failed.add(config)
+        if self.warned:
+            log.debug("ComfyUI-ACT: the Triton kernel also failed for %s: %r", config, error)
+            return
+        self.warned = True
+        log.warning("ComfyUI-ACT: the Triton kernel failed (%s: %s) on %s; exact mode runs this layer "
+                    "type in PyTorch from now on (same result, slower). Set COMFYUI_ACT_KERNELS=0 to "
+                    "skip the kernel from the start.", type(error).__name__, str(error).splitlines()[0]
+                    if str(error) else "", config[0])
+
+
+PATH = FastPath()
 
 
 def fast_apply(layer: LayerMap, x: torch.Tensor, strength: float) -> torch.Tensor:
@@ -134,29 +188,99 @@ def fast_apply(layer: LayerMap, x: torch.Tensor, strength: float) -> torch.Tenso
     if triton is None or not _fast_ok(x):
         raise ValueError(f"the fast path cannot run on a {x.dtype} tensor on {x.device} "
                          f"(contiguous: {x.is_contiguous()}, Triton: {triton is not None})")
-    return _launch(layer, x, layer.params(x.device, strength))
+    return _launch_on_device(layer, x, layer.params(x.device, strength))
 
 
-def transport(layer: LayerMap, strength: float, fast: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> layer.apply(x, strength), the same bits, in fewer PyTorch kernels per call.
+
+    LayerMap.apply casts fp16/bf16 to float32, computes, and casts back; here the casts happen inside
+    the arithmetic kernels (PyTorch computes in the promoted float32 and rounds once on store, as the
+    explicit cast does), the gate is clamp + equality instead of two comparisons and an and, and a
+    gated pixel-form map scales its slope and offset per channel (small tensors) instead of the
+    whole moved activation. Per layer and call, on a [B, D, H, W] or [..., D] activation:
+        token ungated: 1 kernel (3 for fp16 in apply); gated: 4 (7)
+        conv mean form: mean + a small multiply-add + 1 add (5 for fp16); gated: + 3 small ones
+        conv pixel form: 2 (5 for fp16); gated: mean + 4 small + 2 (8).
+    float64 activations keep float64 arithmetic, as in apply."""
+    strength = check_strength(strength)
+    if strength == 0.0:
+        return lambda x: x
+    conv, pixel = layer.kind == "conv", layer.form == "pixel"
+    settled: dict[tuple, tuple] = {}
+
+    def parameters(x: torch.Tensor) -> tuple:
+        key = (x.device, x.dtype)
+        found = settled.get(key)
+        if found is None:
+            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+            a, b, lo, hi = (None if t is None else t.to(compute) for t in layer.params(x.device, strength))
+            if conv and pixel:
+                a, b = a[:, None, None], b[:, None, None]
+            found = settled[key] = (compute, a, b, lo, hi)
+        return found
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:  # out= takes no part in autograd: apply's arithmetic is differentiable
+            return layer.apply(x, strength)
+        layer.check_shape(x)
+        compute, a, b, lo, hi = parameters(x)
+        if not conv:
+            if lo is None:
+                return torch.addcmul(b, a, x, out=torch.empty_like(x))
+            # Rounding the moved values to x's dtype before choosing is what apply's choose-then-round
+            # gives: the values kept are x's own, exact in either order.
+            moved = torch.addcmul(b, a, x, out=torch.empty_like(x))
+            inside = torch.clamp(x, lo, hi) == x  # lo <= x <= hi; false for NaN, as in apply
+            return torch.where(inside, moved, x, out=moved)
+        if lo is not None or not pixel:  # an ungated pixel-form map needs no channel mean
+            mean = x.mean((-2, -1), dtype=compute)
+        if lo is not None:
+            inside = torch.clamp(mean, lo, hi) == mean
+        if not pixel:
+            delta = torch.addcmul(b, a, mean)
+            if lo is not None:
+                delta = delta * inside
+            return torch.add(x, delta[..., None, None], out=torch.empty_like(x))
+        if lo is not None:
+            inside = inside[..., None, None]
+            # gate * (a x + b) = (gate a) x + (gate b) for a gate of 0 or 1, NaN and inf included.
+            a, b = a * inside, b * inside
+        return torch.add(x, torch.addcmul(b, a, x), out=torch.empty_like(x))
+
+    return move
+
+
+def transport(layer: LayerMap, strength: float, fast: bool = True,
+              path: FastPath | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function x -> x transported at `strength`, for a hook that runs at every step.
 
     Everything that does not depend on x is settled once: the strength is checked, and the map's
     parameters are moved to each device the first time it is seen (float32, contiguous). Per call
-    there remains a shape check, one dictionary lookup and one kernel launch (or the reference
-    where the kernel cannot run, or with fast=False)."""
+    there remains a shape check, one dictionary lookup and one kernel launch under x's device (or the
+    PyTorch path where the kernel cannot run, has failed, or with fast=False)."""
     strength = check_strength(strength)
     if strength == 0.0:
         return lambda x: x
-    use_kernel = fast and ENABLED and triton is not None
+    reference = reference_transport(layer, strength)
+    if not (fast and ENABLED and triton is not None):
+        return reference
+    path = PATH if path is None else path
+    gated = layer.gated  # a property that computes: settled here, not per call
     on_device: dict[torch.device, tuple] = {}
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if use_kernel and _fast_ok(x):
-            params = on_device.get(x.device)
-            if params is None:
-                params = on_device[x.device] = layer.params(x.device, strength)
-            layer.check_shape(x)
-            return _launch(layer, x, params)
-        return layer.apply(x, strength)
+        if _fast_ok(x):
+            config = (x.device, x.dtype, layer.kind, layer.form, gated)
+            if config not in path.failed:
+                params = on_device.get(x.device)
+                if params is None:
+                    params = on_device[x.device] = layer.params(x.device, strength)
+                layer.check_shape(x)
+                try:
+                    return _launch_on_device(layer, x, params)
+                except Exception as error:  # noqa: BLE001  (any compile/launch failure: Triton's types vary)
+                    path.fail(config, error)
+        return reference(x)
 
     return run

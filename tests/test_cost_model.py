@@ -1,0 +1,74 @@
+"""The cost model of bench/cost (bench/_step_counter.py): kernels and bytes counted per aten operation,
+checked on operations whose traffic is known by hand, on the meta device as the benchmark runs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from act_core import fit_layer, kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from _step_counter import FlashAttention, StepCounter  # noqa: E402
+
+META = torch.device("meta")
+
+
+def counted(fn):
+    counter = StepCounter()
+    with torch.no_grad(), counter, FlashAttention(counter):
+        fn()
+    return counter
+
+
+def test_an_elementwise_kernel_reads_its_inputs_and_writes_its_output():
+    x, y, z = (torch.empty(1000, dtype=torch.float16, device=META) for _ in range(3))
+    for fn in (lambda: x + y, lambda: z.add_(y), lambda: torch.add(x, y, out=z)):
+        counter = counted(fn)
+        assert (counter.kernels, counter.read, counter.written) == (1, 4000, 2000)
+
+
+def test_views_and_allocations_are_free():
+    x = torch.empty(4, 6, dtype=torch.float32, device=META)
+    counter = counted(lambda: (x.view(-1), x.t(), x[1:], x.transpose(0, 1)[::2], torch.empty_like(x), x.unsqueeze(0)))
+    assert counter.kernels == 0 and counter.read + counter.written == 0
+
+
+def test_a_mean_reads_everything_and_writes_one_value_per_channel():
+    x = torch.empty(2, 3, 4, 5, dtype=torch.float32, device=META)
+    counter = counted(lambda: x.mean((-2, -1)))
+    assert counter.kernels == 1 and counter.read == 480 and counter.written == 24
+
+
+def test_a_linear_layer_reads_input_weight_and_bias():
+    layer = torch.nn.Linear(8, 16, device=META)
+    x = torch.empty(4, 8, device=META)
+    counter = counted(lambda: layer(x))
+    assert counter.kernels == 1 and counter.read == (4 * 8 + 16 * 8 + 16) * 4 and counter.written == 4 * 16 * 4
+
+
+def test_attention_is_one_fused_kernel():
+    q, k, v = (torch.empty(2, 8, 4096, 64, dtype=torch.float16, device=META) for _ in range(3))
+    counter = counted(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert counter.kernels == 1 and counter.read == 3 * q.numel() * 2 and counter.written == q.numel() * 2
+
+
+def test_the_pytorch_path_moves_an_activation_in_fewer_kernels_than_apply():
+    """What a GPU without Triton runs per layer and step, counted: fp16 activations of SDXL's sizes."""
+    g = torch.Generator().manual_seed(0)
+    source, target = torch.randn(40, 320, generator=g), torch.randn(40, 320, generator=g) + 0.5
+    token = torch.empty(2, 4096, 320, dtype=torch.float16, device=META)
+    conv = torch.empty(2, 320, 128, 128, dtype=torch.float16, device=META)
+    expected = {  # (kind, method, support): (kernels, of them on the whole activation), apply's kernels
+        ("token", "linear", "all"): ((1, 1), 3), ("token", "linear", "q_0_100"): ((4, 4), 7),
+        ("conv", "linear", "all"): ((3, 2), 5), ("conv", "gaussian", "all"): ((2, 2), 5)}
+    for (kind, method, support), ((count, large), apply_count) in expected.items():
+        layer = fit_layer(source, target, method, support, kind=kind)
+        x = token if kind == "token" else conv
+        move = kernels.reference_transport(layer, 0.7)
+        move(x)  # the first call moves the map's parameters to the device
+        layer.apply(x, 0.7)
+        fast, reference = counted(lambda: move(x)), counted(lambda: layer.apply(x, 0.7))
+        assert (fast.kernels, fast.large, reference.kernels) == (count, large, apply_count), (kind, method, support)
+        assert fast.read + fast.written < reference.read + reference.written
