@@ -60,15 +60,21 @@ def test_moving_the_dial_again_folds_from_the_original_weights(pack, sd15, gauss
     model, clip, _ = sd15
     comfy.model_management.unload_all_models()
     first, _ = apply(pack, model, gaussian_maps, 1.0, None, "fused")
-    key = next(k for k, p in first.patches.items() if k.endswith(".weight") and p[0][1][0].abs().max() > 1e-3)
+    key = next(k for k, p in first.patches.items() if k.endswith(".weight") and p[0][1].slope.abs().max() > 1e-3)
     original = comfy.utils.get_attr(model.model, key).detach().clone()
     image = sample(first, clip)
     sample(apply(pack, model, gaussian_maps, 0.5, None, "fused")[0], clip)
     assert not torch.equal(comfy.utils.get_attr(model.model, key), original)  # the earlier run's patch is there
     again, _ = apply(pack, model, gaussian_maps, 1.0, None, "fused")
     for key, patches in first.patches.items():
-        assert all(torch.equal(p[1][0], q[1][0]) for p, q in zip(patches, again.patches[key])), key
+        # Each patch is ComfyUI's (strength, adapter, ...) entry; the adapter holds slope and shift.
+        assert all(torch.equal(p[1].slope, q[1].slope) and _same(p[1].shift, q[1].shift)
+                   for p, q in zip(patches, again.patches[key])), key
     assert torch.equal(sample(again, clip), image)
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def test_chained_fused_nodes_compose_like_chained_exact_nodes(pack, sd15, gaussian_maps, strong_maps):
