@@ -350,3 +350,30 @@ def test_a_model_on_the_second_gpu_is_transported_there():
     moved = kernels.transport(layer, 0.7, path=kernels.FastPath())(x)
     reference = layer.apply(x, 0.7)
     assert moved.device == x.device and (moved.float() - reference.float()).abs().max() <= 2e-3
+
+
+def test_the_pytorch_path_is_layer_map_apply_bit_for_bit():
+    """reference_transport (what CPUs, MPS and GPUs without Triton run) computes apply's numbers exactly,
+    NaN, infinities and signed zeros included, for every form, support, dtype and layout."""
+    g = torch.Generator().manual_seed(0)
+    cases = 0
+    for dim in (8, 40):
+        source, target = torch.randn(50, dim, generator=g), torch.randn(50, dim, generator=g) * 1.4 + 0.3
+        for kind, method in (("token", "linear"), ("conv", "linear"), ("conv", "gaussian"), ("conv", "mean")):
+            for support in ("all", "q_5_95", "q_30_70"):
+                layer = fit_layer(source, target, method, support, kind=kind)
+                for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                    shape = (3, 77, dim) if kind == "token" else (2, dim, 9, 7)
+                    x = (torch.randn(*shape, generator=g) * 1.5 + 0.2).to(dtype)
+                    x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+                    layouts = (x, x.transpose(0, 1).contiguous().transpose(0, 1) if kind == "token"
+                               else x.contiguous(memory_format=torch.channels_last))
+                    for view in layouts:
+                        for strength in (1.0, 0.4, -0.7, 2.5):
+                            expected, moved = layer.apply(view, strength), kernels.reference_transport(layer, strength)(view)
+                            assert moved.dtype == expected.dtype and moved.shape == expected.shape
+                            same = torch.equal(moved.isnan(), expected.isnan()) and torch.equal(
+                                moved.nan_to_num(7.0), expected.nan_to_num(7.0))
+                            assert same, (kind, method, support, dtype, strength, view.is_contiguous())
+                            cases += 1
+    assert cases == 2 * 4 * 3 * 4 * 2 * 4
