@@ -116,6 +116,15 @@ class Lab:
         return self.pack.nodes.nodes_apply.ApplyTransportMaps.execute(
             self.model, maps, strength, start_percent, end_percent, branch, mode, clip=self.clip).args
 
+    def nag(self, scale: float, alpha: float = 0.5, tau: float = 1.5, model=None):
+        """ComfyUI core's Normalized Attention Guidance on the model (it steers away from the negative
+        prompt), or None where this ComfyUI has no NAGuidance node (before 0.33)."""
+        try:
+            from comfy_extras.nodes_nag import NAGuidance
+        except ImportError:
+            return None
+        return NAGuidance.execute(model or self.model, scale, alpha, tau).args[0]
+
     def conditioning_delta(self, source: Sequence[str], target: Sequence[str], strength: float = 1.0):
         """A baseline without maps: mean over pairs of encode(target) - encode(source), added to a prompt."""
         delta = torch.stack([self.encode(t)[0][0] - self.encode(s)[0][0]
