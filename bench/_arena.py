@@ -44,18 +44,19 @@ def best_baseline(rows: dict[str, dict]) -> dict | None:
 
 def table(points: list[dict], removal: dict[str, bool]) -> str:
     tasks = list(dict.fromkeys(p["task"] for p in points if p["split"] == "eval"))
-    head = f"{'task':17s} {'row':19s} {'setting':44s} {'presence':>8s} {'kept':>6s} {'done+kept':>9s}"
+    head = f"{'task':17s} {'row':20s} {'setting':44s} {'presence':>8s} {'kept':>6s} {'done+kept':>9s}"
     lines = [head, "-" * len(head)]
     for task in tasks:
         rows = _eval(points, task)
-        for family in ("untouched", "upper bound", "pack default", "pack", *BASELINES):
+        prototypes = [f for f in rows if f.startswith("prototype")]
+        for family in ("untouched", "upper bound", "pack default", "pack", *BASELINES, *prototypes):
             p = rows.get(family)
             if p is None:
                 continue
             presence = "-" if p["presence"] is None else f"{p['presence']:.0%}"
             success = "-" if p["success"] is None else f"{p['success']:.0%}"
-            name = {"pack": "pack best"}.get(family, family)
-            lines.append(f"{task:17s} {name:19s} {p['label'][:44]:44s} {presence:>8s} {p['kept']:6.0%} {success:>9s}")
+            name = {"pack": "pack best"}.get(family, family.replace("prototype ", "proto: "))
+            lines.append(f"{task:17s} {name:20s} {p['label'][:44]:44s} {presence:>8s} {p['kept']:6.0%} {success:>9s}")
         lines.append("")
     return "\n".join(lines)
 

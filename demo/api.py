@@ -116,6 +116,20 @@ class Lab:
         return self.pack.nodes.nodes_apply.ApplyTransportMaps.execute(
             self.model, maps, strength, start_percent, end_percent, branch, mode, clip=self.clip).args
 
+    def gated_tokens(self, source: Sequence[str], target: Sequence[str], method: str = "linear"):
+        """Gated token transport of the final conditioning (act_core.token_transport), fitted on the
+        untouched text encoder's encodings of the prompt pairs. Returns strength -> conditioning function."""
+        from act_core.token_transport import fit_gated_tokens
+        enc = [torch.cat([self.encode(p)[0][0] for p in side]) for side in (source, target)]
+        fitted = fit_gated_tokens(enc[0], enc[1], method)
+
+        def at(strength: float):
+            def move(cond):
+                return [[fitted.apply(c, strength), dict(extra)] for c, extra in cond]
+            return move
+        at.map = fitted
+        return at
+
     def nag(self, scale: float, alpha: float = 0.5, tau: float = 1.5, model=None):
         """ComfyUI core's Normalized Attention Guidance on the model (it steers away from the negative
         prompt), or None where this ComfyUI has no NAGuidance node (before 0.33)."""
