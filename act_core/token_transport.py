@@ -26,7 +26,12 @@ import torch
 from .estimators import fit_affine
 from .maps import check_strength
 
-__all__ = ["GatedTokenMap", "changed_tokens", "fit_gated_tokens"]
+__all__ = ["GatedTokenMap", "changed_tokens", "fit_gated_tokens", "FORMS"]
+
+# How a gated token moves: "nearest" as the nearest changed source token was moved by its pair (best
+# on the shapes model's object-bound tasks, bench/semantics); "linear" by one per-neuron affine map.
+FORMS = ("nearest", "linear")
+_VECTORS = ("scale", "shift", "source_mean", "source_var", "target_mean", "target_var")
 
 # Tokens whose source and target activations differ by less than this, relative to their size, are
 # the same token in both prompts (float32 noise from batching stays far below it).
@@ -50,6 +55,45 @@ class GatedTokenMap:
     # moves as its nearest changed source token did (the pairing extended to new tokens), not affinely.
     anchors: torch.Tensor | None = None
     moves: torch.Tensor | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.scale.shape[0]
+
+    @property
+    def form(self) -> str:
+        return "linear" if self.anchors is None else "nearest"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """float32 1-D tensors for the maps file (anchors and moves flattened)."""
+        out = {k: getattr(self, k).float().contiguous() for k in _VECTORS}
+        if self.anchors is not None:
+            out["anchors"] = self.anchors.float().reshape(-1).contiguous()
+            out["moves"] = self.moves.float().reshape(-1).contiguous()
+        return out
+
+    def spec(self) -> dict:
+        return {"dim": self.dim, "form": self.form, "log_prior": self.log_prior,
+                "anchors": 0 if self.anchors is None else int(self.anchors.shape[0])}
+
+    @classmethod
+    def from_tensors(cls, spec: dict, tensors: dict[str, torch.Tensor]) -> "GatedTokenMap":
+        """Inverse of tensors()/spec(); raises ValueError naming what does not fit."""
+        dim, count = spec.get("dim"), spec.get("anchors", 0)
+        if not isinstance(dim, int) or not isinstance(count, int) or spec.get("form") not in FORMS:
+            raise ValueError(f"malformed conditioning map description {spec!r}")
+        names = set(_VECTORS) | ({"anchors", "moves"} if spec["form"] == "nearest" else set())
+        if set(tensors) != names:
+            raise ValueError(f"conditioning map tensors {sorted(tensors)} do not match its description")
+        if any(tensors[k].shape != (dim,) for k in _VECTORS) or (
+                spec["form"] == "nearest" and any(tensors[k].shape != (count * dim,) for k in ("anchors", "moves"))):
+            raise ValueError("conditioning map tensors have the wrong sizes")
+        if not all(torch.isfinite(t).all() for t in tensors.values()) or (tensors["source_var"] <= 0).any() \
+                or (tensors["target_var"] <= 0).any():
+            raise ValueError("conditioning map has NaN, infinite or non-positive variance values")
+        extra = (tensors["anchors"].reshape(count, dim), tensors["moves"].reshape(count, dim)) \
+            if spec["form"] == "nearest" else (None, None)
+        return cls(*(tensors[k] for k in _VECTORS), float(spec.get("log_prior", 0.0)), *extra)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """P(changed source token | x) for each token of x [..., D]: [...] in [0, 1]."""

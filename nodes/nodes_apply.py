@@ -62,6 +62,10 @@ class ApplyTransportMaps(io.ComfyNode):
     @classmethod
     def execute(cls, model, maps, strength, start_percent, end_percent, branch, mode, clip=None) -> io.NodeOutput:
         text_layers = sum(1 for name in maps if not name.startswith("diffusion_model."))
+        if clip is None and getattr(maps, "conditioning", None) is not None:
+            logging.getLogger("comfyui_act").warning(
+                "Apply Transport Maps: the maps move the prompt's conditioning but no CLIP is connected; nothing "
+                "of it is steered. Connect the CLIP and use the CLIP output for the prompts.")
         if clip is None and text_layers:
             logging.getLogger("comfyui_act").warning(
                 "Apply Transport Maps: the maps hold %d text-encoder layers but no CLIP is connected; only the "

@@ -172,6 +172,9 @@ def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = "exact"):
     layers = {n: m for n, m in maps.items() if not is_unet_layer(n)}
     check_maps_fit(TransportMaps(layers, {}), clip=clip)
     patched = clip.clone()
+    conditioning = getattr(maps, "conditioning", None)
+    if strength != 0.0 and conditioning is not None:
+        _steer_conditioning(patched, clip, conditioning, strength)
     if strength == 0.0 or not layers:
         return patched
     modules = clip_modules(clip)
@@ -186,6 +189,22 @@ def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = "exact"):
         inner = original_or_patched(patched.patcher, key, getattr(stage, encoder), "forward")
         patched.patcher.add_object_patch(key, _steered_forward(inner, lambda _args, _kwargs, h=hooks: h))
     return patched
+
+
+def _steer_conditioning(patched, clip, conditioning, strength: float) -> None:
+    """Move the final conditioning (what CLIPTextEncode outputs) with the gated token map: only the
+    tokens that look like the concept's move (act_core/token_transport.py)."""
+    stage = clip.cond_stage_model
+    width = conditioning.dim
+    inner = original_or_patched(patched.patcher, "encode_token_weights", stage, "encode_token_weights")
+
+    def encode(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        if out[0].shape[-1] != width:
+            raise ActError(f"these maps' conditioning map is {width} wide but this CLIP's conditioning is "
+                           f"{out[0].shape[-1]}: fit the maps on this model (Fit Transport Maps)")
+        return (conditioning.apply(out[0], strength), *out[1:])
+    patched.patcher.add_object_patch("encode_token_weights", encode)
 
 
 def _weight_as_patched(patcher, key: str) -> torch.Tensor:

@@ -43,3 +43,28 @@ def test_identical_prompt_sets_are_refused_with_a_clear_error():
         fit_gated_tokens(source, source.clone())
     with pytest.raises(ValueError, match="one shape"):
         fit_gated_tokens(source, source[:, :5])
+
+
+def test_the_maps_file_keeps_a_conditioning_map_and_old_files_stay_as_they_were():
+    from act_core import TransportMaps, fit_layer, maps_from_bytes, maps_to_bytes
+    from act_core.fileformat import MapsFileError
+
+    source, target = _pairs()
+    layer = fit_layer(source[:, 0], target[:, 0] + 1.0)
+    plain = TransportMaps({"clip_l.final_layer_norm": layer}, {"method": "linear"})
+    data = maps_to_bytes(plain)
+    assert b'"format_version":"1"' in data.replace(b" ", b"")  # no conditioning map: written as before
+    assert maps_from_bytes(data).conditioning is None
+
+    for form in ("nearest", "linear"):
+        fitted = fit_gated_tokens(source, target, form)
+        back = maps_from_bytes(maps_to_bytes(TransportMaps({"clip_l.final_layer_norm": layer}, {}, conditioning=fitted)))
+        assert back.conditioning.form == form
+        assert torch.equal(back.conditioning.apply(source[:3], 0.7), fitted.apply(source[:3], 0.7))
+        assert torch.equal(back["clip_l.final_layer_norm"].scale, layer.scale)
+
+    broken = maps_to_bytes(TransportMaps({}, {}, conditioning=fit_gated_tokens(source, target, "nearest")))
+    assert broken.count(b"nearest") == 1
+    broken = broken.replace(b"nearest", b"sidewys")  # same length: the header stays readable
+    with pytest.raises(MapsFileError, match="conditioning"):
+        maps_from_bytes(broken)
