@@ -44,7 +44,7 @@ def best_baseline(rows: dict[str, dict]) -> dict | None:
 
 def table(points: list[dict], removal: dict[str, bool]) -> str:
     tasks = list(dict.fromkeys(p["task"] for p in points if p["split"] == "eval"))
-    head = f"{'task':17s} {'row':20s} {'setting':44s} {'presence':>8s} {'kept':>6s} {'done+kept':>9s}"
+    head = f"{'task':17s} {'row':20s} {'setting':44s} {'presence':>8s} {'kept':>6s} {'done+kept':>9s} {'n':>3s}"
     lines = [head, "-" * len(head)]
     for task in tasks:
         rows = _eval(points, task)
@@ -56,7 +56,7 @@ def table(points: list[dict], removal: dict[str, bool]) -> str:
             presence = "-" if p["presence"] is None else f"{p['presence']:.0%}"
             success = "-" if p["success"] is None else f"{p['success']:.0%}"
             name = {"pack": "pack best"}.get(family, family.replace("prototype ", "proto: "))
-            lines.append(f"{task:17s} {name:20s} {p['label'][:44]:44s} {presence:>8s} {p['kept']:6.0%} {success:>9s}")
+            lines.append(f"{task:17s} {name:20s} {p['label'][:44]:44s} {presence:>8s} {p['kept']:6.0%} {success:>9s} {p['n']:3d}")
         lines.append("")
     return "\n".join(lines)
 

@@ -93,11 +93,11 @@ def side_by_side(folder: str, tasks=("remove_red", "negate_cross", "edit_red_blu
         prompts = task.prompts(scenes)
         default = lab.steer(lab.fit(source, target), 1.0)
         words = lab.steer(lab.fit(source, target, moves="the concept's words only"), 1.0)
-        cols = [lab.generate(prompts, seed=100),
-                lab.generate(prompts, seed=100, negative=task.concept),
-                lab.generate(prompts, seed=100, conditioning=lab.conditioning_delta(source, target)),
-                lab.generate(prompts, seed=100, model=default[0], clip=default[1]),
-                lab.generate(prompts, seed=100, model=words[0], clip=words[1])]
+        cols = [lab.generate(prompts, seed=100, batch=True),
+                lab.generate(prompts, seed=100, negative=task.concept, batch=True),
+                lab.generate(prompts, seed=100, conditioning=lab.conditioning_delta(source, target), batch=True),
+                lab.generate(prompts, seed=100, model=default[0], clip=default[1], batch=True),
+                lab.generate(prompts, seed=100, model=words[0], clip=words[1], batch=True)]
         rows = [np.stack([c[i] for c in cols]) for i in range(len(scenes))]
         sheet(["prompt", f"negative '{task.concept}'", "cond. delta", "AcT default", "concept's words"],
               rows).save(folder / f"shapes-{name.replace('_', '-')}-side-by-side.png")
