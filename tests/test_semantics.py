@@ -215,7 +215,7 @@ def test_default_maps_leave_prompts_without_red_as_drawn(lab, red):
 
 @pytest.mark.xfail(strict=True, reason="goal >= 80% edited with the rest kept >= 80%: 'the concept's words only' "
                                       "at strength 1 turns the red object blue in 87.5% of 32 pictures but keeps "
-                                      "the rest in 68.8% (the best baseline, the conditioning delta: 3% / 34%)")
+                                      "the rest in 68.8% (negative prompt 0% / 66%, conditioning delta 3% / 34%)")
 def test_concept_words_edit_one_objects_colour_to_the_goal(lab):
     task = TASKS["edit_red_blue"]
     source, target = task.fit_prompts(64)
