@@ -9,6 +9,11 @@ Layout, format version 2:
               "info":           JSON object (see TransportMaps.info)
               "strength":       a sentence on lambda's meaning, for people reading the header
 
+Version 3 adds an optional gated map of the final conditioning (act_core/token_transport.py):
+tensors "conditioning/<field>" (float32, 1-D; anchors and moves flattened) and metadata
+"conditioning": JSON {"dim", "form", "log_prior", "anchors"}. Only maps holding one are written as
+version 3; everything else is written and read exactly as before.
+
 Version 2 added the conv form (version 1 files know only the mean form, and a conv layer without
 "form" means "mean"). A file is written with the lowest version that expresses it: maps holding no
 pixel-form layer stay version 1, readable by older releases; a pixel-form layer makes it version 2,
@@ -36,10 +41,11 @@ from .maps import CONV_FORMS, KINDS, LayerMap, TransportMaps
 __all__ = ["FORMAT", "FORMAT_VERSION", "MapsFileError", "save_maps", "load_maps", "maps_to_bytes", "maps_from_bytes"]
 
 FORMAT = "comfyui-act-maps"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 STRENGTH_SEMANTICS = ("0 = untouched; 1 = activations moved onto the target distribution; in between = "
                       "linear interpolation; > 1 extrapolates; < 0 applies the inverse map")
 FIELDS = ("scale", "shift", "lo", "hi")
+CONDITIONING = "conditioning"  # tensor prefix of the final-conditioning map (never a layer name: no '.')
 # A maps file holds a few floats per neuron: even every neuron of a large UNet stays far below this.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
@@ -60,13 +66,17 @@ def maps_to_bytes(maps: TransportMaps) -> bytes:
         if layer.kind == "conv":
             layers[name]["form"] = layer.form
     pixel = any(spec.get("form") == "pixel" for spec in layers.values())
+    conditioning = getattr(maps, "conditioning", None)
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION if pixel else 1),
+        "format_version": "3" if conditioning is not None else "2" if pixel else "1",
         "layers": json.dumps(layers),
         "info": json.dumps(maps.info, sort_keys=True),
         "strength": STRENGTH_SEMANTICS,
     }
+    if conditioning is not None:
+        tensors.update({f"{CONDITIONING}/{k}": v for k, v in conditioning.tensors().items()})
+        metadata["conditioning"] = json.dumps(conditioning.spec())
     return save_safetensors_bytes(tensors, metadata=metadata)
 
 
@@ -183,6 +193,8 @@ def maps_from_bytes(data: bytes, source: str = "<bytes>") -> TransportMaps:
 
     expected = {f"{name}/{key}" for name in layer_specs for key in FIELDS}
     present = set(header) - {"__metadata__"}
+    conditioning_keys = {k for k in present if k.startswith(CONDITIONING + "/")}
+    present -= conditioning_keys
     if present != expected:
         missing, extra = sorted(expected - present)[:3], sorted(present - expected)[:3]
         raise _fail(source, f"its tensors do not match its layer list (missing {missing}, unexpected {extra})")
@@ -209,5 +221,14 @@ def maps_from_bytes(data: bytes, source: str = "<bytes>") -> TransportMaps:
         degenerate = spec.get("degenerate", 0)
         layers[name] = LayerMap(**values, kind=spec["kind"],
                                 degenerate=degenerate if isinstance(degenerate, int) else 0, form=form)
-    return TransportMaps(layers, info)
+    conditioning = None
+    if conditioning_keys or "conditioning" in metadata:
+        from .token_transport import GatedTokenMap
+        try:
+            conditioning = GatedTokenMap.from_tensors(
+                _json_field(metadata, "conditioning", source),
+                {k.split("/", 1)[1]: tensors[k] for k in conditioning_keys})
+        except ValueError as error:
+            raise _fail(source, f"its conditioning map is unusable ({error})") from None
+    return TransportMaps(layers, info, conditioning=conditioning)
 

@@ -241,9 +241,13 @@ class TransportMaps(Mapping):
         source_prompts, target_prompts (counts), prompts_sha256.
     """
 
-    def __init__(self, layers: Mapping[str, LayerMap] | None = None, info: dict | None = None):
+    def __init__(self, layers: Mapping[str, LayerMap] | None = None, info: dict | None = None,
+                 conditioning=None):
         self.layers: dict[str, LayerMap] = dict(layers or {})
         self.info: dict = dict(info or {})
+        # Optional act_core.token_transport.GatedTokenMap on the text encoders' final conditioning (the
+        # "the concept's words" choice of Fit Transport Maps); None for the paper's per-layer maps.
+        self.conditioning = conditioning
 
     def __getitem__(self, name: str) -> LayerMap:
         return self.layers[name]
@@ -263,7 +267,8 @@ class TransportMaps(Mapping):
 
     def __repr__(self) -> str:
         return (f"TransportMaps({len(self)} layers, {self.neurons()} neurons, family={self.family!r}, "
-                f"method={self.info.get('method')!r})")
+                f"method={self.info.get('method')!r}"
+                + (f", conditioning map of {self.conditioning.dim}" if self.conditioning is not None else "") + ")")
 
 
 def layer_movement(layer: LayerMap) -> float:

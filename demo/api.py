@@ -62,7 +62,7 @@ class Lab:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], seed: int = 0, model=None, clip=None, negative: str = "",
                  conditioning: Callable | None = None, steps: int | None = None,
-                 cfg: float | None = None) -> np.ndarray:
+                 cfg: float | None = None, batch: bool = False) -> np.ndarray:
         """(N, 64, 64, 3) images, one per prompt; image i uses seed + i.
 
         model/clip: steered copies (from `steer`) or None for the model as trained.
@@ -71,6 +71,8 @@ class Lab:
         """
         model, clip = model or self.model, clip or self.clip
         neg = self.encode(negative, clip)
+        if batch:
+            return self._generate_batch(prompts, seed, model, clip, neg, conditioning, steps, cfg)
         (latent,) = self.nodes.EmptyLatentImage().generate(M.PIXELS, M.PIXELS, 1)
         out = []
         for i, prompt in enumerate(prompts):
@@ -82,6 +84,18 @@ class Lab:
             (image,) = self.nodes.VAEDecode().decode(self.vae, samples)
             out.append(image[0].float().cpu().numpy())
         return np.stack(out)
+
+    def _generate_batch(self, prompts, seed, model, clip, neg, conditioning, steps, cfg) -> np.ndarray:
+        rows = []
+        for prompt in prompts:
+            pos = self.encode(prompt, clip)
+            rows.append((conditioning(pos) if conditioning is not None else pos)[0][0])
+        pos = [[torch.cat(rows), {}]]
+        (latent,) = self.nodes.EmptyLatentImage().generate(M.PIXELS, M.PIXELS, len(prompts))
+        (samples,) = self.nodes.KSampler().sample(model, seed, steps or self.steps, cfg or self.cfg,
+                                                  self.sampler, self.scheduler, pos, neg, latent)
+        (images,) = self.nodes.VAEDecode().decode(self.vae, samples)
+        return images.float().cpu().numpy()
 
     # -- scoring -------------------------------------------------------------------------------------
     @staticmethod
@@ -101,20 +115,43 @@ class Lab:
     # -- steering with the pack's nodes --------------------------------------------------------------
     def fit(self, source: Sequence[str], target: Sequence[str], where: str = "both",
             method: str = "linear", support: str = "method default", estimation: str = "incremental",
-            noise_levels: int = 1, batch_size: int = 64, seed: int = 0):
+            noise_levels: int = 1, batch_size: int = 64, seed: int = 0, moves: str = "every token alike (AcT)"):
         """Collect Activations -> Fit Transport Maps on the shapes model; returns the MAPS."""
         learn = self.pack.nodes.nodes_learn
         activations, _ = learn.CollectActivations.execute(
             self.model, self.clip, "\n".join(source), "\n".join(target), where=where,
             layers="normalization layers", resolution=M.PIXELS, noise_levels=noise_levels,
             batch_size=batch_size, seed=seed).args
-        return learn.FitTransportMaps.execute(activations, method, support, estimation).args[0]
+        return learn.FitTransportMaps.execute(activations, method, support, estimation, moves).args[0]
 
     def steer(self, maps, strength: float = 1.0, mode: str = "exact", start_percent: float = 0.0,
               end_percent: float = 1.0, branch: str = "conditional and unconditional"):
         """Apply Transport Maps: (steered MODEL, steered CLIP)."""
         return self.pack.nodes.nodes_apply.ApplyTransportMaps.execute(
             self.model, maps, strength, start_percent, end_percent, branch, mode, clip=self.clip).args
+
+    def gated_tokens(self, source: Sequence[str], target: Sequence[str], method: str = "linear"):
+        """Gated token transport of the final conditioning (act_core.token_transport), fitted on the
+        untouched text encoder's encodings of the prompt pairs. Returns strength -> conditioning function."""
+        from act_core.token_transport import fit_gated_tokens
+        enc = [torch.cat([self.encode(p)[0][0] for p in side]) for side in (source, target)]
+        fitted = fit_gated_tokens(enc[0], enc[1], method)
+
+        def at(strength: float):
+            def move(cond):
+                return [[fitted.apply(c, strength), dict(extra)] for c, extra in cond]
+            return move
+        at.map = fitted
+        return at
+
+    def nag(self, scale: float, alpha: float = 0.5, tau: float = 1.5, model=None):
+        """ComfyUI core's Normalized Attention Guidance on the model (it steers away from the negative
+        prompt), or None where this ComfyUI has no NAGuidance node (before 0.33)."""
+        try:
+            from comfy_extras.nodes_nag import NAGuidance
+        except ImportError:
+            return None
+        return NAGuidance.execute(model or self.model, scale, alpha, tau).args[0]
 
     def conditioning_delta(self, source: Sequence[str], target: Sequence[str], strength: float = 1.0):
         """A baseline without maps: mean over pairs of encode(target) - encode(source), added to a prompt."""

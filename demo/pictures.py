@@ -1,6 +1,7 @@
 """README pictures from the shapes model: strength grids (style, an added background), a removal comparison.
 
     COMFYUI_PATH=... python demo/pictures.py docs/images
+    COMFYUI_PATH=... python demo/pictures.py docs/images side-by-side   # the removal/edit comparisons
 Rows are held-out prompts (same seed along a row); pictures are shown at 2x with nearest-neighbour.
 """
 from __future__ import annotations
@@ -79,5 +80,32 @@ def main(folder: str) -> None:
     print("\n".join(prompts))
 
 
+def side_by_side(folder: str, tasks=("remove_red", "negate_cross", "edit_red_blue"), n: int = 4) -> None:
+    """One sheet per task: the prompt as drawn, a negative prompt, the conditioning delta, the pack's
+    defaults and its 'the concept's words only' maps (each at strength or scale 1), same seeds."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lab = Lab()
+    for name in tasks:
+        task = TASKS[name]
+        scenes = task.eval_scenes(n, seed=4321)
+        source, target = task.fit_prompts(64)
+        prompts = task.prompts(scenes)
+        default = lab.steer(lab.fit(source, target), 1.0)
+        words = lab.steer(lab.fit(source, target, moves="the concept's words only"), 1.0)
+        cols = [lab.generate(prompts, seed=100, batch=True),
+                lab.generate(prompts, seed=100, negative=task.concept, batch=True),
+                lab.generate(prompts, seed=100, conditioning=lab.conditioning_delta(source, target), batch=True),
+                lab.generate(prompts, seed=100, model=default[0], clip=default[1], batch=True),
+                lab.generate(prompts, seed=100, model=words[0], clip=words[1], batch=True)]
+        rows = [np.stack([c[i] for c in cols]) for i in range(len(scenes))]
+        sheet(["prompt", f"negative '{task.concept}'", "cond. delta", "AcT default", "concept's words"],
+              rows).save(folder / f"shapes-{name.replace('_', '-')}-side-by-side.png")
+        print(name, *prompts, sep="\n  ")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "docs/images")
+    if len(sys.argv) > 2 and sys.argv[2] == "side-by-side":
+        side_by_side(sys.argv[1])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "docs/images")

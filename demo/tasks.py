@@ -21,6 +21,7 @@ from . import shapes
 
 FIT_SEED = 77  # fit prompts and evaluation prompts come from different draws
 EVAL_SEED = 1234
+TUNE_SEED = 4242  # settings are chosen on these held-out prompts, never on the reported ones
 
 
 def _others(colour: str, i: int) -> str:
@@ -38,28 +39,56 @@ class Task:
     present: Callable[[dict, dict], bool]     # (scored picture, scene) -> what the task asks for
     kept: Callable[[dict, dict], bool]        # (scored picture, scene) -> the rest survived
     concept: str = ""                         # the word a negative prompt would name
+    removal: bool = False                     # presence is what is left (lower is better)
+    fit_source: Callable[[dict], str] | None = None  # the fit's source side when not the evaluated prompt
+    prepare: Callable[[dict, np.random.Generator], dict] | None = None  # adds what the prompts need
+    reference: Callable[[dict], dict] | None = None  # untouched picture -> what `kept` is checked against
+    kept_against: str = "prompt"              # the headline kept: "prompt" or "untouched" (the strength-0 picture)
+
+    def _draw(self, rng: np.random.Generator) -> dict | None:
+        scene = shapes.random_scene(rng)
+        if not self.scene_filter(scene):
+            return None
+        return self.prepare(scene, rng) if self.prepare else scene
 
     def _scenes(self, n: int, seed: int) -> list[dict]:
         rng = np.random.default_rng(seed)
         out = []
         while len(out) < n:
-            scene = shapes.random_scene(rng)
-            if self.scene_filter(scene):
+            scene = self._draw(rng)
+            if scene is not None:
                 out.append(scene)
         return out
 
     def fit_prompts(self, n: int, seed: int = FIT_SEED) -> tuple[list[str], list[str]]:
         scenes = self._scenes(n, seed)
-        return [self.source(s) for s in scenes], [self.target(s, i) for i, s in enumerate(scenes)]
+        source = self.fit_source or self.source
+        return [source(s) for s in scenes], [self.target(s, i) for i, s in enumerate(scenes)]
 
-    def eval_scenes(self, n: int, seed: int = EVAL_SEED) -> list[dict]:
-        """n scenes whose evaluated prompts were never trained on."""
+    def eval_scenes(self, n: int, seed: int = EVAL_SEED, exclude: set[str] = frozenset(),
+                    held_out: bool = True, tries: int | None = None) -> list[dict]:
+        """n scenes whose objects' caption was never trained on (and whose prompt is not in `exclude`).
+        held_out=False: any caption. tries: give up after that many draws (returns fewer)."""
         rng = np.random.default_rng(seed)
         out = []
-        while len(out) < n:
-            scene = shapes.random_scene(rng)
-            if self.scene_filter(scene) and shapes.is_held_out(self.source(scene)):
+        draws = 0
+        while len(out) < n and (tries is None or draws < tries):
+            draws += 1
+            scene = self._draw(rng)
+            if scene is None or self.source(scene) in exclude:
+                continue
+            if not held_out or shapes.is_held_out(_plain(scene)):
                 out.append(scene)
+        return out
+
+    def tune_scenes(self, n: int, reported: list[dict]) -> list[dict]:
+        """n scenes for choosing settings, none of whose prompts is among the reported ones: held-out
+        captions where there are enough of them; where the reported set already uses every held-out
+        caption (one object: 6 of the 48 captions), captions from training fill the rest."""
+        exclude = set(self.prompts(reported))
+        out = self.eval_scenes(n, seed=TUNE_SEED, exclude=exclude, tries=20000)
+        if len(out) < n:
+            out += self.eval_scenes(n - len(out), seed=TUNE_SEED + 1, exclude=exclude, held_out=False)
         return out
 
     def prompts(self, scenes: list[dict]) -> list[str]:
@@ -78,7 +107,19 @@ class Task:
         """Share of pictures that keep what the untouched model drew with the same seed (its objects;
         for a removal, its shapes): what steering changed besides the task, whatever the model's own
         accuracy."""
-        return float(np.mean([self.kept(f, u) for f, u in zip(found, untouched)]))
+        return float(np.mean(self.kept_each(found, untouched)))
+
+    def kept_each(self, found: list[dict], untouched: list[dict]) -> list[bool]:
+        ref = self.reference or (lambda u: u)
+        return [bool(self.kept(f, ref(u))) for f, u in zip(found, untouched)]
+
+    def success(self, found: list[dict], scenes: list[dict], untouched: list[dict]) -> float:
+        """Share of pictures where the task is done and the rest kept (the headline kept): what a
+        setting is chosen by."""
+        kept = (self.kept_each(found, untouched) if self.kept_against == "untouched"
+                else [bool(self.kept(f, s)) for f, s in zip(found, scenes)])
+        done = [bool(self.present(f, s)) != self.removal for f, s in zip(found, scenes)]
+        return float(np.mean([d and k for d, k in zip(done, kept)]))
 
 
 def _plain(scene: dict) -> str:
@@ -119,6 +160,75 @@ def _colours_kept(found: dict, scene: dict) -> bool:
     return sorted(o["colour"] for o in found["objects"]) == sorted(o["colour"] for o in scene["objects"])
 
 
+def _objects_kept(found: dict, reference: dict) -> bool:
+    """Every object of the reference (colour and shape) is in the picture; more may be there."""
+    have = [(o["colour"], o["shape"]) for o in found["objects"]]
+    for o in reference["objects"]:
+        key = (o["colour"], o["shape"])
+        if key not in have:
+            return False
+        have.remove(key)
+    return True
+
+
+def _negated(kind: str) -> dict:
+    """The paper's removal protocol: fit on 'captions and the concept' -> 'the captions', evaluate on
+    'the captions without the concept', content kept against the strength-0 picture's other objects."""
+    def is_concept(o: dict) -> bool:
+        return o["shape"] == "cross" if kind == "cross" else o["colour"] == "red"
+
+    def prepare(scene: dict, rng: np.random.Generator) -> dict:
+        names = [c for c in shapes.COLOURS if c != "red"]
+        rest = [s for s in shapes.SHAPES if s != "cross"]
+        concept = {"size": ("small", "large")[int(rng.integers(2))],
+                   "colour": "red" if kind == "red" else names[int(rng.integers(len(names)))],
+                   "shape": "cross" if kind == "cross" else rest[int(rng.integers(len(rest)))]}
+        return dict(scene, concept=concept)
+
+    def words(o: dict) -> str:
+        return f"a {o['size']} {o['colour']} {o['shape']}"
+
+    return dict(
+        scene_filter=lambda s: len(s["objects"]) <= 2 and not any(map(is_concept, s["objects"])),
+        source=lambda s: f"{_plain(s)} without {words(s['concept'])}",
+        fit_source=lambda s: shapes.caption(s["objects"] + [dict(s["concept"])], "plain", say_plain=False),
+        target=lambda s, i: _plain(s),
+        present=lambda f, s: any(map(is_concept, f["objects"])),
+        kept=_objects_kept, removal=True, concept=kind, kept_against="untouched",
+        reference=lambda u: dict(u, objects=[o for o in u["objects"] if not is_concept(o)]),
+        prepare=prepare)
+
+
+def _edit(key: str, old: str, new: str, others_may_be_new: bool = False) -> dict:
+    """Change one object's attribute (the one object whose `key` is `old`) to `new`, keep the rest.
+    others_may_be_new: the other objects may already have `new` (sizes: there are only two)."""
+    def target(scene: dict, i: int = 0) -> str:
+        return shapes.caption([dict(o, **{key: new}) if o[key] == old else o for o in scene["objects"]],
+                              "plain", say_plain=False)
+
+    def sig(o: dict) -> tuple:
+        return (o["colour"], o["shape"], o["size"])
+
+    def edited(scene: dict) -> tuple:
+        o = next(o for o in scene["objects"] if o[key] == old)
+        return sig(dict(o, **{key: new}))
+
+    def present(found: dict, scene: dict) -> bool:
+        """The edited object is drawn with the new attribute, and none with the old one is left."""
+        return edited(scene) in map(sig, found["objects"]) and not any(o[key] == old for o in found["objects"])
+
+    def kept(found: dict, scene: dict) -> bool:
+        """The other objects as prompted (colour, shape, size), and the count."""
+        others = [sig(o) for o in scene["objects"] if o[key] != old]
+        have = list(map(sig, found["objects"]))
+        return found["count"] == len(scene["objects"]) and all(o in have for o in others)
+
+    return dict(
+        scene_filter=lambda s: sum(o[key] == old for o in s["objects"]) == 1
+        and (len(s["objects"]) >= 2 if others_may_be_new else not any(o[key] == new for o in s["objects"])),
+        source=_plain, target=target, present=present, kept=kept, concept=old)
+
+
 TASKS = {
     "style": Task(
         "style", "plain -> striped background; prompts never name a background",
@@ -130,18 +240,61 @@ TASKS = {
         "remove_red", "remove the colour red from prompts that ask for a red object",
         scene_filter=_has("red"), source=_plain, target=_recoloured("red"),
         present=lambda f, s: any(o["colour"] == "red" for o in f["objects"]),
-        kept=_shapes_kept, concept="red"),
+        kept=_shapes_kept, concept="red", removal=True),
     "remove_cross": Task(
         "remove_cross", "remove crosses from prompts that ask for one",
         scene_filter=_has_shape("cross"), source=_plain, target=_reshaped("cross"),
         present=lambda f, s: any(o["shape"] == "cross" for o in f["objects"]),
-        kept=_colours_kept, concept="cross"),
+        kept=_colours_kept, concept="cross", removal=True),
     "add_dots": Task(
         "add_dots", "add a dotted background to prompts of one object that never mention it",
         scene_filter=lambda s: len(s["objects"]) == 1, source=_plain,
         target=lambda s, i: _plain(s) + " on a dotted background",
         present=lambda f, s: f["background"] == "dotted",
-        kept=lambda f, s: shapes.content_matches(f, s)),
+        kept=lambda f, s: shapes.content_matches(f, s), concept="plain background"),
+    "negate_cross": Task(
+        "negate_cross", "paper's protocol for an object: '... without a cross' draws no cross", **_negated("cross")),
+    "negate_red": Task(
+        "negate_red", "paper's protocol for an attribute: '... without a red square' draws nothing red",
+        **_negated("red")),
+    "edit_red_blue": Task(
+        "edit_red_blue", "the one red object turns blue, the others kept", **_edit("colour", "red", "blue")),
+    "edit_small_large": Task(
+        "edit_small_large", "the one small object (of 2-3) turns large, the others kept", **_edit("size", "small", "large", others_may_be_new=True)),
+}
+
+
+@dataclass
+class Specificity:
+    """Maps (or a baseline) made for `task`, applied to prompts that never had its concept: the share of
+    pictures that keep what the untouched model drew (objects with sizes, count, background)."""
+    name: str
+    task: str
+    scene_filter: Callable[[dict], bool]
+
+    def eval_scenes(self, n: int, seed: int = EVAL_SEED) -> list[dict]:
+        rng = np.random.default_rng(seed)
+        out = []
+        while len(out) < n:
+            scene = shapes.random_scene(rng, bg="plain")
+            if self.scene_filter(scene) and shapes.is_held_out(_plain(scene)):
+                out.append(scene)
+        return out
+
+    @staticmethod
+    def prompts(scenes: list[dict]) -> list[str]:
+        return [_plain(s) for s in scenes]
+
+    @staticmethod
+    def kept_from(found: list[dict], untouched: list[dict]) -> float:
+        return float(np.mean([shapes.content_matches(f, u, sizes=True) and f["background"] == u["background"]
+                              for f, u in zip(found, untouched)]))
+
+
+SPECIFICITY = {
+    "spec_red": Specificity("spec_red", "remove_red", lambda s: not any(o["colour"] == "red" for o in s["objects"])),
+    "spec_cross": Specificity("spec_cross", "remove_cross",
+                              lambda s: not any(o["shape"] == "cross" for o in s["objects"])),
 }
 
 

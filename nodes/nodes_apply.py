@@ -72,6 +72,10 @@ class ApplyTransportMaps(io.ComfyNode):
                         "approximates conv layers and ignores support ranges); choose 'exact' for the method as "
                         "published at almost the same cost.", mode, check_mode(mode))
         text_layers = sum(1 for name in maps if not name.startswith("diffusion_model."))
+        if clip is None and getattr(maps, "conditioning", None) is not None:
+            logging.getLogger("comfyui_act").warning(
+                "Apply Transport Maps: the maps move the prompt's conditioning but no CLIP is connected; nothing "
+                "of it is steered. Connect the CLIP and use the CLIP output for the prompts.")
         if clip is None and text_layers:
             log.warning(
                 "Apply Transport Maps: the maps hold %d text-encoder layers but no CLIP is connected; only the "

@@ -5,15 +5,43 @@ import comfy.utils
 from comfy_api.latest import io
 from tqdm import tqdm
 
-from ..act_core import METHODS, SUPPORTS, default_support
+import torch
+
+from ..act_core import METHODS, SUPPORTS, TransportMaps, default_support
+from ..act_core.token_transport import fit_gated_tokens
 from .collection import SCHEDULES, CollectSettings, Collector, fit_maps, parse_prompts
-from .model_layers import WHERE
+from .model_layers import WHERE, ActError
 from .types import CATEGORY, Activations, Maps
 
 PRESETS = ("normalization layers", "custom pattern")
+# What Fit Transport Maps moves: the paper's per-layer maps (every token alike), or the final
+# conditioning's tokens that look like the concept's (act_core/token_transport.py).
+MOVES = ("every token alike (AcT)", "the concept's words only")
 # A combo's default cannot follow another input, so the first choice stands for the method's own
 # default support, resolved when fitting and recorded in the maps' info.
 METHOD_DEFAULT = "method default"
+
+
+def fit_concept_words(activations) -> TransportMaps:
+    """The gated token map of the final conditioning, from the untouched CLIP's encodings of the
+    collected prompt pairs (source line i with target line i)."""
+    collector = activations.collector
+    n = collector.n_source
+    if n != len(collector.prompts) - n:
+        raise ActError(f"'the concept's words only' pairs source and target prompts line by line, but there are "
+                       f"{n} source and {len(collector.prompts) - n} target prompts: give both the same count "
+                       "on Collect Activations")
+    with torch.inference_mode():
+        conds = [collector.clip.encode_from_tokens(t).float().cpu() for t in collector.tokens]
+    tokens = min(c.shape[1] for c in conds)
+    stacked = torch.cat([c[:, :tokens] for c in conds])
+    try:
+        conditioning = fit_gated_tokens(stacked[:n], stacked[n:], "nearest")
+    except ValueError as error:
+        raise ActError(f"{error}; fix the prompts on Collect Activations") from None
+    info = dict(activations.info, method="concept words", support="gated", estimation="at once",
+                moves=MOVES[1])
+    return TransportMaps({}, info, conditioning=conditioning)
 
 
 class Progress:
@@ -123,12 +151,26 @@ class FitTransportMaps(io.ComfyNode):
                                tooltip="incremental: each layer is learned with the earlier layers already "
                                        "steered (the paper's default, better; reruns the model). at once: all "
                                        "layers from the collected activations, no extra model run."),
+                io.Combo.Input("moves", options=list(MOVES), default=MOVES[0], optional=True,
+                               tooltip="every token alike (AcT): the paper's maps on every chosen layer; best for "
+                                       "a style or a background. the concept's words only: for an object or an "
+                                       "attribute (remove a colour, a shape, '... without X', change one "
+                                       "object): only the prompt's tokens that look like the concept's move, "
+                                       "each as the most similar source token did in its pair, and prompts "
+                                       "without the concept are left alone. Needs source and target prompts "
+                                       "paired line by line; method, support and estimation are not used."),
             ],
             outputs=[Maps.Output(display_name="maps"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
-    def execute(cls, activations, method, support, estimation) -> io.NodeOutput:
+    def execute(cls, activations, method, support, estimation, moves=MOVES[0]) -> io.NodeOutput:
+        if moves == MOVES[1]:
+            maps = fit_concept_words(activations)
+            return io.NodeOutput(maps, f"conditioning map: {maps.conditioning.dim} wide, "
+                                       f"{maps.conditioning.anchors.shape[0]} concept tokens learned")
+        if moves != MOVES[0]:
+            raise ActError(f"moves must be one of {MOVES}, got {moves!r} (fix 'moves' on Fit Transport Maps)")
         if support == METHOD_DEFAULT:
             support = default_support(method)
         maps = fit_maps(activations, method, support, estimation,

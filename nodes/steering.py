@@ -258,6 +258,9 @@ def steer_clip_placed(clip, maps: TransportMaps, strength: float, mode: str = EX
     layers = {n: m for n, m in maps.items() if not is_unet_layer(n)}
     check_maps_fit(TransportMaps(layers, {}), clip=clip)
     patched = clip.clone()
+    conditioning = getattr(maps, "conditioning", None)
+    if strength != 0.0 and conditioning is not None:
+        _steer_conditioning(patched, clip, conditioning, strength)
     if strength == 0.0 or not layers:
         return patched, Placement()
     modules = clip_modules(clip)
@@ -280,6 +283,22 @@ def _wrapped(patcher, name: str) -> bool:
     encoder = name.split(".", 1)[0]
     return f"{name}.forward" in patcher.object_patches or (
         encoder != "diffusion_model" and f"{encoder}.forward" in patcher.object_patches)
+
+
+def _steer_conditioning(patched, clip, conditioning, strength: float) -> None:
+    """Move the final conditioning (what CLIPTextEncode outputs) with the gated token map: only the
+    tokens that look like the concept's move (act_core/token_transport.py)."""
+    stage = clip.cond_stage_model
+    width = conditioning.dim
+    inner = original_or_patched(patched.patcher, "encode_token_weights", stage, "encode_token_weights")
+
+    def encode(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        if out[0].shape[-1] != width:
+            raise ActError(f"these maps' conditioning map is {width} wide but this CLIP's conditioning is "
+                           f"{out[0].shape[-1]}: fit the maps on this model (Fit Transport Maps)")
+        return (conditioning.apply(out[0], strength), *out[1:])
+    patched.patcher.add_object_patch("encode_token_weights", encode)
 
 
 def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold: bool) -> Placement:

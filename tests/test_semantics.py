@@ -118,3 +118,135 @@ def test_style_appears_with_strength_and_the_prompt_survives(lab, style_untouche
     assert presence0 <= 0.2
     assert presence >= 0.8, f"striped in {presence:.0%} of pictures at strength 1"
     assert kept >= 0.8, f"the prompted objects kept in {kept:.0%} of pictures at strength 1"
+
+
+def test_maps_fitted_on_identical_prompt_sets_leave_the_pictures_as_drawn(lab):
+    """Negative control: source and target the same prompts, so there is nothing to transport; at
+    strength 1 the pack's default maps must draw what the untouched model draws, seed for seed."""
+    task = TASKS["remove_red"]
+    source, _ = task.fit_prompts(32)
+    model, clip = lab.steer(lab.fit(source, list(source)), 1.0)
+    prompts = task.prompts(task.eval_scenes(16))
+    untouched, steered = lab.generate(prompts, batch=True), lab.generate(prompts, model=model, clip=clip, batch=True)
+    assert np.abs(steered - untouched).max() < 0.02, "pictures moved though the maps had nothing to learn"
+    same = [shapes.content_matches(s, u, sizes=True) and s["background"] == u["background"]
+            for s, u in zip(lab.score(steered), lab.score(untouched))]
+    assert all(same), f"{sum(same)} of {len(same)} pictures scored as the untouched model's"
+
+
+def test_concept_words_maps_move_the_prompts_concept_tokens_only(lab, tmp_path):
+    """Fit Transport Maps' 'the concept's words only': saved and loaded, Apply Transport Maps moves the
+    conditioning CLIPTextEncode gives, the same as act_core's gated map fitted on the same encodings,
+    and leaves a prompt's tokens alone where they do not look like the concept's."""
+    import torch
+    from act_core import load_maps, save_maps
+
+    task = TASKS["remove_red"]
+    source, target = task.fit_prompts(32)
+    maps = load_maps(save_maps(lab.fit(source, target, moves="the concept's words only"), tmp_path / "red.safetensors"))
+    assert maps.conditioning is not None and len(maps) == 0
+    _, clip = lab.steer(maps, 1.0)
+    reference = lab.gated_tokens(source, target, "nearest")(1.0)
+    red, plain = "a small red circle and a large blue square", "a small green circle and a large blue square"
+    steered = lab.encode(red, clip)[0][0]
+    assert torch.allclose(steered, reference(lab.encode(red))[0][0], atol=1e-5)
+    assert not torch.allclose(steered, lab.encode(red)[0][0], atol=1e-2)
+    moved = (lab.encode(plain, clip)[0][0] - lab.encode(plain)[0][0]).norm(dim=-1)
+    assert (moved > 0.1 * lab.encode(plain)[0][0].norm(dim=-1)).sum() <= 2, moved
+
+
+def test_concept_words_on_identical_prompt_sets_is_refused(lab):
+    """Negative control for 'the concept's words only': nothing differs, so nothing can be learned; the
+    node says so rather than returning maps that move prompts."""
+    source, _ = TASKS["remove_red"].fit_prompts(16)
+    with pytest.raises(Exception, match="same tokens"):
+        lab.fit(source, list(source), moves="the concept's words only")
+
+
+# The arena's goals (bench/semantics; bench/results/semantics-arena-cpu.txt), checked on the arena's own
+# 32 reported prompts and seeds (one batch per point). Met goals are asserted; goals not met are strict
+# xfails with the measured figure, so that a fix turns them red until the bar is raised here.
+
+def _removal(lab, name, **fit):
+    task = TASKS[name]
+    source, target = task.fit_prompts(64)
+    scenes = task.eval_scenes(N)
+    untouched = lab.score(lab.generate(task.prompts(scenes), batch=True))
+    return task, source, target, scenes, untouched
+
+
+def _measure(lab, task, scenes, untouched, **generate):
+    found = lab.score(lab.generate(task.prompts(scenes), batch=True, **generate))
+    presence, kept = task.measure(found, scenes)
+    return presence, (task.kept_from(found, untouched) if task.kept_against == "untouched" else kept), found
+
+
+@pytest.fixture(scope="module")
+def red(lab):
+    task, source, target, scenes, untouched = _removal(lab, "remove_red")
+    maps = lab.fit(source, target, moves="the concept's words only")
+    model, clip = lab.steer(maps, 1.0)
+    left, kept, _ = _measure(lab, task, scenes, untouched, model=model, clip=clip)
+    return dict(task=task, source=source, target=target, scenes=scenes, untouched=untouched, maps=maps,
+                left=left, kept=kept)
+
+
+def test_concept_words_remove_red_better_than_a_negative_prompt_or_the_delta(lab, red):
+    """Goal: the pack's best at least as good as the best baseline in what is left, content within 3
+    points. Baselines at the settings the arena chose on its tuning prompts (delta scale 2)."""
+    task, source, target, scenes, untouched = (red[k] for k in ("task", "source", "target", "scenes", "untouched"))
+    left, kept = red["left"], red["kept"]
+    for name, generate in (("negative prompt", {"negative": "red"}),
+                           ("conditioning delta", {"conditioning": lab.conditioning_delta(source, target, 2.0)})):
+        b_left, b_kept, _ = _measure(lab, task, scenes, untouched, **generate)
+        assert left <= b_left and kept >= b_kept - 0.03, (name, (left, kept), (b_left, b_kept))
+
+
+@pytest.mark.xfail(strict=True, reason="goal <= 10% red left with the shapes kept >= 80%: 'the concept's words "
+                                      "only' at strength 1 leaves 12.5% (4 of 32) with 87.5% kept")
+def test_concept_words_remove_red_to_the_goal(red):
+    assert red["left"] <= 0.10 and red["kept"] >= 0.80, (red["left"], red["kept"])
+
+
+def _specificity(lab, maps_or_none, strength=1.0):
+    """Share of 32 held-out prompts without red drawn as the untouched model draws them."""
+    from demo.tasks import SPECIFICITY
+    spec = SPECIFICITY["spec_red"]
+    prompts = spec.prompts(spec.eval_scenes(N))
+    untouched = lab.score(lab.generate(prompts, batch=True))
+    model, clip = lab.steer(maps_or_none, strength)
+    return spec.kept_from(lab.score(lab.generate(prompts, model=model, clip=clip, batch=True)), untouched)
+
+
+def test_concept_words_leave_prompts_without_red_as_drawn(lab, red):
+    """Goal: on prompts that never had the concept, >= 90% of the pictures keep what the untouched model drew."""
+    kept = _specificity(lab, red["maps"])
+    assert kept >= 0.9, f"{kept:.0%} of the pictures without red kept"
+
+
+@pytest.mark.xfail(strict=True, reason="specificity goal >= 90%: the default maps (Linear-AcT on every token) for "
+                                      "removing red keep 53% of the pictures of prompts without red at strength 1")
+def test_default_maps_leave_prompts_without_red_as_drawn(lab, red):
+    assert _specificity(lab, lab.fit(red["source"], red["target"])) >= 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="goal >= 80% edited with the rest kept >= 80%: 'the concept's words only' "
+                                      "at strength 1 turns the red object blue in 87.5% of 32 pictures but keeps "
+                                      "the rest in 68.8% (negative prompt 0% / 66%, conditioning delta 3% / 34%)")
+def test_concept_words_edit_one_objects_colour_to_the_goal(lab):
+    task = TASKS["edit_red_blue"]
+    source, target = task.fit_prompts(64)
+    scenes = task.eval_scenes(N)
+    model, clip = lab.steer(lab.fit(source, target, moves="the concept's words only"), 1.0)
+    edited, kept = task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip, batch=True)), scenes)
+    assert edited >= 0.8 and kept >= 0.8, (edited, kept)
+
+
+def test_concept_words_remove_crosses_to_the_goal(lab):
+    """Goal: <= 10% crosses left at strength <= 1.5 with the colours kept >= 90%."""
+    task = TASKS["remove_cross"]
+    source, target = task.fit_prompts(64)
+    scenes = task.eval_scenes(N)
+    model, clip = lab.steer(lab.fit(source, target, moves="the concept's words only"), 1.0)
+    left, kept = task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip, batch=True)), scenes)
+    assert left <= 0.10 and kept >= 0.90, (left, kept)
