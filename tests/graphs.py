@@ -27,6 +27,16 @@ def sampling_graph(seed: int, prefix: str, steps: int = 3, size: int = 64, text:
     }
 
 
+def sampled_anew(graph: dict) -> dict:
+    """The same graph with the sampler's latent passed through LatentMultiply x 1 (the same zeros), so
+    that ComfyUI runs the sampler again while it keeps the loaded checkpoint. ComfyUI 0.33's default
+    RAM-pressure cache keeps an earlier run's sampler output however many prompts ran in between;
+    0.3.75's classic cache keeps only the last prompt's, so there the plain graph re-samples too."""
+    graph["fresh"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["latent", 0], "multiplier": 1.0}}
+    graph["sampler"]["inputs"]["latent_image"] = ["fresh", 0]
+    return graph
+
+
 def learn_nodes(source: str, target: str, batch_size: int = 16) -> dict:
     """Collect (text encoder and UNet, 64 px) -> incremental Linear-AcT fit, as nodes "collect" and "fit"."""
     return {

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from graphs import image_digests, learn_nodes, sampled_again, sampling_graph, steer
+from graphs import image_digests, learn_nodes, sampled_again, sampled_anew, sampling_graph, steer
 
 pytestmark = pytest.mark.server
 
@@ -102,7 +102,7 @@ def test_interrupting_collection_leaves_the_model_sampling_as_before(server):
                                     after_seconds=1.5)
     assert entry["status"]["status_str"] == "error"
     assert "execution_interrupted" in str(entry["status"]["messages"])
-    after = server.run(sampling_graph(5, "after"))
+    after = server.run(sampled_anew(sampling_graph(5, "after")))
     assert_success(after)
     assert sampled_again(after)  # really sampled again with the model the collection used
     assert image_digests(server, after) == image_digests(server, before)
