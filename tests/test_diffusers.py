@@ -416,19 +416,38 @@ def plain_hook_steered(pipe, maps, strength: float, x, t):
             handle.remove()
 
 
+# Exact mode folds ungated text-encoder maps into the norms' weights (nodes/folding.py). ComfyUI keeps
+# text-encoder weights in fp16 even on a CPU (model_management.text_encoder_dtype) and rounds a patched
+# weight back to that dtype, stochastically, so a folded norm weight carries up to one fp16 ulp of
+# relative error (2^-10), where forward hooks compute in float32 on the unrounded map: the fold is as
+# exact as the weights' own storage. Measured: 4.2e-4 on these models.
+FP16_STORAGE = 2.0 ** -10
+
+
+def steering_tolerance(pack, clip, maps, strength) -> float:
+    folding = pack.nodes.folding
+    modules = pack.nodes.model_layers.clip_modules(clip)
+    folded_into_fp16 = any(
+        folding.folds_exactly(layer, strength) and getattr(modules[name], "weight", None) is not None
+        and modules[name].weight.dtype == torch.float16
+        for name, layer in maps.items() if name in modules)
+    return FP16_STORAGE if folded_into_fp16 else RELATIVE
+
+
 def assert_steered_alike(pack, model, clip, pipe, maps, strength):
+    tolerance = steering_tolerance(pack, clip, maps, strength)
     plain = comfy_step(model, clip, "a lighthouse at dusk")
     steered_model, steered_clip = comfy_apply(pack, model, clip, maps, strength)
     comfy = comfy_step(steered_model, steered_clip, "a lighthouse at dusk")
     with steer(pipe, maps, strength):
         cond, pooled = diffusers_encode(pipe, "a lighthouse at dusk")
         ours = diffusers_unet_output(pipe, comfy["x"], comfy["t"], cond, pooled, RESOLUTION)
-    assert relative_error(cond, comfy["context"]) <= RELATIVE
-    assert relative_error(ours, comfy["out"]) <= RELATIVE
+    assert relative_error(cond, comfy["context"]) <= tolerance
+    assert relative_error(ours, comfy["out"]) <= tolerance
     # Both agree with the maps applied by plain forward hooks and the method's own arithmetic.
     oracle_cond, oracle_out = plain_hook_steered(pipe, maps, strength, comfy["x"], comfy["t"])
-    assert relative_error(comfy["context"], oracle_cond) <= RELATIVE
-    assert relative_error(comfy["out"], oracle_out) <= RELATIVE
+    assert relative_error(comfy["context"], oracle_cond) <= tolerance
+    assert relative_error(comfy["out"], oracle_out) <= tolerance
     # The maps really moved the output, far beyond the tolerance, and the hooks are gone afterwards.
     assert relative_error(plain["out"], comfy["out"]) > 100 * RELATIVE
     cond_after, pooled_after = diffusers_encode(pipe, "a lighthouse at dusk")
