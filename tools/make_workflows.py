@@ -107,7 +107,10 @@ def build(spec: dict, object_info: dict) -> dict:
                     entry["widget"] = {"name": name}
                 inputs.append(entry)
             elif not _is_widget(kind, options):
-                raise ValueError(f"{key}.{name} ({kind}) needs a link")
+                if name not in info["input"].get("optional", {}):
+                    raise ValueError(f"{key}.{name} ({kind}) needs a link")
+                # An optional socket left unconnected: the editor lists it with no link.
+                inputs.append({"name": name, "type": kind, "link": None})
             if _is_widget(kind, options):
                 value = node.get("widgets", {}).get(name, options.get("default"))
                 if value is None and kind == "COMBO":
