@@ -230,23 +230,25 @@ def test_default_maps_leave_prompts_without_red_as_drawn(lab, red):
     assert _specificity(lab, lab.fit(red["source"], red["target"])) >= 0.9
 
 
+def _concept_words_at_1(lab, task_name: str) -> tuple:
+    """(presence, kept) of a task's held-out prompts, steered at strength 1 by 'the concept's words
+    only' maps fitted on its 64 fitting pairs."""
+    task = TASKS[task_name]
+    source, target = task.fit_prompts(64)
+    scenes = task.eval_scenes(N)
+    model, clip = lab.steer(lab.fit(source, target, moves="the concept's words only"), 1.0)
+    return task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip, batch=True)), scenes)
+
+
 @pytest.mark.xfail(strict=True, reason="goal >= 80% edited with the rest kept >= 80%: 'the concept's words only' "
                                       "at strength 1 turns the red object blue in 87.5% of 32 pictures but keeps "
                                       "the rest in 68.8% (negative prompt 0% / 66%, conditioning delta 3% / 34%)")
 def test_concept_words_edit_one_objects_colour_to_the_goal(lab):
-    task = TASKS["edit_red_blue"]
-    source, target = task.fit_prompts(64)
-    scenes = task.eval_scenes(N)
-    model, clip = lab.steer(lab.fit(source, target, moves="the concept's words only"), 1.0)
-    edited, kept = task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip, batch=True)), scenes)
+    edited, kept = _concept_words_at_1(lab, "edit_red_blue")
     assert edited >= 0.8 and kept >= 0.8, (edited, kept)
 
 
 def test_concept_words_remove_crosses_to_the_goal(lab):
     """Goal: <= 10% crosses left at strength <= 1.5 with the colours kept >= 90%."""
-    task = TASKS["remove_cross"]
-    source, target = task.fit_prompts(64)
-    scenes = task.eval_scenes(N)
-    model, clip = lab.steer(lab.fit(source, target, moves="the concept's words only"), 1.0)
-    left, kept = task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip, batch=True)), scenes)
+    left, kept = _concept_words_at_1(lab, "remove_cross")
     assert left <= 0.10 and kept >= 0.90, (left, kept)
