@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-__all__ = ["RecordStore", "Record", "map_tree", "leaves", "has_nan", "live_tensors"]
+__all__ = ["RecordStore", "Record", "map_tree", "leaves", "load_all", "shapes_only", "has_nan", "live_tensors"]
 
 
 class RecordStore:

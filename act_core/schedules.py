@@ -20,7 +20,7 @@ import torch
 
 from .activations import Activations, NonFiniteActivations
 from .maps import LayerMap, TransportMaps, fit_layer
-from .modules import Hook, hooks_installed
+from .modules import Hook
 from .replay import CallTree, PassComplete, Replay, Unreplayable, WatchedModule
 
 __all__ = ["Host", "Estimation", "CallState", "SweepResult", "FitReport", "NonFiniteActivations", "MIN_PROMPTS",
