@@ -14,7 +14,7 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
 
@@ -86,6 +86,16 @@ def pool_spatial(output: torch.Tensor) -> torch.Tensor:
     """Mean over height and width (conv layers) or tokens, float32, on the CPU: [samples, neurons]."""
     return (output.float().mean(dim=(2, 3)) if output.ndim == 4
             else output.float().mean(1) if output.ndim == 3 else output.float()).cpu()
+
+
+class Pooled(NamedTuple):
+    values: torch.Tensor    # [call prompts (text) or batch samples (unet), neurons], float32 on the CPU
+    rows: torch.Tensor      # the rows of the sample table they belong to
+
+
+class Sides(NamedTuple):
+    source: dict[str, torch.Tensor]
+    target: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -205,9 +215,7 @@ class Estimation:
             return output
         return hook
 
-    def pool(self, name: str, part: str, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled activations [call prompts (text) or batch samples (unet), neurons] on the CPU, and
-        the rows of the sample table they belong to."""
+    def pool(self, name: str, part: str, output: torch.Tensor) -> Pooled:
         if part == "text":
             pooled = self.host.pool_text(name, output, self.calls.prompts)
             rows = torch.tensor([p * self.levels for p in self.calls.prompts])
@@ -218,7 +226,7 @@ class Estimation:
                                   + self.host.split_batch_fix)
         if not torch.isfinite(pooled).all():
             raise self.host.non_finite(name)
-        return pooled, rows
+        return Pooled(pooled, rows)
 
     def record(self, samples: dict, name: str, part: str, pooled: torch.Tensor, rows: torch.Tensor) -> None:
         store = samples.get(name)
@@ -230,9 +238,9 @@ class Estimation:
         else:
             store[rows] = pooled
 
-    def split(self, samples: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    def split(self, samples: dict[str, torch.Tensor]) -> Sides:
         cut = self.host.n_source * self.levels
-        return {n: t[:cut] for n, t in samples.items()}, {n: t[cut:] for n, t in samples.items()}
+        return Sides({n: t[:cut] for n, t in samples.items()}, {n: t[cut:] for n, t in samples.items()})
 
     # ----- the schedules -----
 

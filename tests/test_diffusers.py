@@ -504,7 +504,7 @@ def test_both_hosts_fit_the_same_maps(pack, case):
 
 def test_maps_fitted_in_several_batches_equal_the_plain_hook_reference(pack, request):
     """Prompts in four batches of up to 5 (sources and targets mixed in one, the last one short): the pack
-    fits by replaying units, diffusers layer by layer; both must give the maps of the method's
+    and diffusers both fit by replaying module calls; both must give the maps of the method's
     incremental fit computed here with plain hooks, all prompts in one batch, layer by layer in the order
     the layers run, the text encoder's layers and the UNet's after them included."""
     model, clip, _vae = request.getfixturevalue("sd15")
