@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Activations"]
+__all__ = ["Activations", "NonFiniteActivations"]
 
 
 @dataclass
@@ -35,3 +35,9 @@ class Activations:
         samples = (first.shape[0], next(iter(self.target.values())).shape[0]) if first is not None else (0, 0)
         return (f"{self.family}: {len(self.source)} layers ({text} text encoder, {len(self.source) - text} "
                 f"diffusion model), {neurons} neurons; {samples[0]} source and {samples[1]} target samples")
+
+
+class NonFiniteActivations(Exception):
+    """A layer's pooled activations hold NaN or infinity; each host raises its own subclass (an error
+    of its kind, with the fix in its words) and sets `layer`."""
+    layer: str

@@ -10,10 +10,9 @@ import re
 import torch
 
 from ..act_core.modules import output_dim  # noqa: F401  (the width check below; tests ask here)
+from ..act_core.schedules import WHERE  # noqa: F401  (the nodes' 'where' choices, the same in both hosts)
 from .errors import ActError
 from .families import FAMILIES, NORM_TYPES, SUPPORTED_FAMILIES, family_of, norm_layers  # noqa: F401
-
-WHERE = ("diffusion model", "text encoder", "both")
 
 
 def model_family(model, node: str = "Apply Transport Maps") -> str:

@@ -504,7 +504,7 @@ def test_both_hosts_fit_the_same_maps(pack, case):
 
 def test_maps_fitted_in_several_batches_equal_the_plain_hook_reference(pack, request):
     """Prompts in four batches of up to 5 (sources and targets mixed in one, the last one short): the pack
-    fits by replaying units, diffusers layer by layer; both must give the maps of the method's
+    and diffusers both fit by replaying module calls; both must give the maps of the method's
     incremental fit computed here with plain hooks, all prompts in one batch, layer by layer in the order
     the layers run, the text encoder's layers and the UNet's after them included."""
     model, clip, _vae = request.getfixturevalue("sd15")
@@ -522,6 +522,36 @@ def test_maps_fitted_in_several_batches_equal_the_plain_hook_reference(pack, req
         for fitted in (comfy, ours):
             assert relative_error(fitted[name].scale * sources[name] + fitted[name].shift, moved) <= RELATIVE, name
             assert torch.equal(fitted[name].lo, expected.lo) and torch.equal(fitted[name].hi, expected.hi), name
+
+
+def test_diffusers_fits_several_batches_by_the_replay_to_the_one_batch_and_comfyui_maps(pack, request):
+    """Prompts in four batches: diffusers takes the replay of module calls, as ComfyUI does, in a few
+    passes rather than one per layer, and its maps are those of one batch holding every prompt (fitted
+    inside the hooks) and those ComfyUI fits from the same batches."""
+    model, clip, _vae = request.getfixturevalue("sd15")
+    pipe = pipeline_for(request, "sd15", "SD1.x")
+    whole = fit_maps(collect_activations(pipe, SOURCE, TARGET, where="both", resolution=RESOLUTION, batch_size=20))
+    activations = collect_activations(pipe, SOURCE, TARGET, where="both", resolution=RESOLUTION, batch_size=5)
+    host = activations.collector
+    assert len(host.batches()) == 4
+    ours = fit_maps(activations)
+    assert host.estimation.last_fit.schedule == "replay"
+    comfy_activations = comfy_collect(pack, model, clip, where="both", batch_size=5)
+    comfy = pack.nodes.nodes_learn.FitTransportMaps.execute(comfy_activations, "linear", "method default",
+                                                            "incremental").args[0]
+    comfy_fit = comfy_activations.collector.estimation.last_fit
+    assert comfy_fit.schedule == "replay"
+    # The model's entry (text encoding, UNet call) runs a few times per batch, not once per layer and
+    # batch as layer by layer; as many times as in ComfyUI.
+    assert host.estimation.last_fit.passes < len(activations.order)
+    assert host.estimation.last_fit.passes == comfy_fit.passes
+    assert list(ours) == list(whole) == list(comfy)
+    for name in ours:
+        sources = activations.source[name]
+        moved = whole[name].scale * sources + whole[name].shift
+        for fitted in (ours, comfy):
+            assert relative_error(fitted[name].scale * sources + fitted[name].shift, moved) <= RELATIVE, name
+            assert torch.equal(fitted[name].lo, whole[name].lo) and torch.equal(fitted[name].hi, whole[name].hi), name
 
 
 def test_maps_of_another_family_are_refused(pack, request):
