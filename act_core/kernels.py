@@ -201,12 +201,17 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
     whole moved activation. Per layer and call, on a [B, D, H, W] or [..., D] activation:
         token ungated: 1 kernel (3 for fp16 in apply); gated: 4 (7)
         conv mean form: mean + a small multiply-add + 1 add (5 for fp16); gated: + 3 small ones
-        conv pixel form: 2 (5 for fp16); gated: mean + 4 small + 2 (8).
+        conv pixel form: 2 (5 for fp16); gated: mean + 4 small + 2 (8);
+        conv mean form without a shift (what runs of a map whose shift is folded into the norm's bias,
+        `LayerMap.mean_shift_fold`): mean + 1 multiply-add, x + a m in one kernel. That one rounds
+        a m + x once (a fused multiply-add where the CPU or GPU has one) where apply rounds a m first:
+        equal to apply within one float rounding, not bit for bit.
     float64 activations keep float64 arithmetic, as in apply."""
     strength = check_strength(strength)
     if strength == 0.0:
         return lambda x: x
     conv, pixel = layer.kind == "conv", layer.form == "pixel"
+    no_shift = not bool(layer.shift.any())  # the inverse's shift, -shift / scale, is zero with it
     settled: dict[tuple, tuple] = {}
 
     def parameters(x: torch.Tensor) -> tuple:
@@ -217,6 +222,8 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
             a, b, lo, hi = (None if t is None else t.to(compute) for t in layer.params(x.device, strength))
             if conv and pixel:
                 a, b = a[:, None, None], b[:, None, None]
+            elif conv and lo is None and no_shift:
+                a, b = a[:, None, None], None  # no shift: x + a m, one kernel after the mean
             found = settled[key] = (compute, a, b, lo, hi)
         return found
 
@@ -238,6 +245,8 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
         if lo is not None:
             inside = torch.clamp(mean, lo, hi) == mean
         if not pixel:
+            if b is None:
+                return torch.addcmul(x, a, mean[..., None, None], out=torch.empty_like(x))
             delta = torch.addcmul(b, a, mean)
             if lo is not None:
                 delta = delta * inside

@@ -377,3 +377,26 @@ def test_the_pytorch_path_is_layer_map_apply_bit_for_bit():
                             assert same, (kind, method, support, dtype, strength, view.is_contiguous())
                             cases += 1
     assert cases == 2 * 4 * 3 * 4 * 2 * 4
+
+
+def test_the_pytorch_path_of_a_map_without_shift_is_apply_within_one_rounding():
+    """What runs per step of a mean-form map whose shift is folded into the norm's bias: x + a m in
+    one multiply-add (a fused one where the CPU has it), apply's numbers within one rounding of the
+    dtype, NaN and infinities where apply has them, for every dtype and layout."""
+    g = torch.Generator().manual_seed(1)
+    source, target = torch.randn(50, 40, generator=g), torch.randn(50, 40, generator=g) * 1.4 + 0.3
+    fitted = fit_layer(source, target, "linear", "all", kind="conv")
+    for strength in (0.8, -0.6, 2.5):
+        _shift, layer = fitted.mean_shift_fold(strength)
+        assert not layer.shift.any() and layer.form == "mean"
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            x = (torch.randn(2, 40, 9, 7, generator=g) * 1.5 + 0.2).to(dtype)
+            x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+            for view in (x, x.contiguous(memory_format=torch.channels_last)):
+                expected, moved = layer.apply(view, 1.0), kernels.reference_transport(layer, 1.0)(view)
+                assert moved.dtype == dtype and torch.equal(moved.isnan(), expected.isnan())
+                finite = expected.isfinite()
+                assert torch.equal(moved[~finite & ~expected.isnan()], expected[~finite & ~expected.isnan()])
+                error = (moved[finite].double() - expected[finite].double()).abs()
+                ulp = torch.finfo(dtype).eps * expected[finite].double().abs().clamp_min(1.0)
+                assert (error <= ulp).all(), (strength, dtype, view.is_contiguous())
