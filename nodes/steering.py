@@ -64,23 +64,29 @@ def check_mode(mode: str) -> str:
 class Placement:
     """Where each mapped layer of one apply went: folded into weights, or run per step. shift_folded:
     the per-step layers (mean-form conv maps) whose shift is folded into the norm's bias, each with
-    what is left to run per step (LayerMap.mean_shift_fold)."""
+    what is left to run per step (LayerMap.mean_shift_fold). no_weights: the per-step layers with no
+    weight and bias to fold into (FLUX.1's and SD3's norms have none), which run per step in any mode."""
 
     folded: list[str] = field(default_factory=list)
     per_step: list[str] = field(default_factory=list)
     shift_folded: dict[str, LayerMap] = field(default_factory=dict)
+    no_weights: list[str] = field(default_factory=list)
 
     def __iadd__(self, other: "Placement") -> "Placement":
         self.folded += other.folded
         self.per_step += other.per_step
         self.shift_folded.update(other.shift_folded)
+        self.no_weights += other.no_weights
         return self
 
     def summary(self, part: str, when: str = "per step") -> str:
         line = f"{part}: {len(self.folded)} layers folded into weights, {len(self.per_step)} run {when}"
+        notes = []
         if self.shift_folded:
-            line += f" ({len(self.shift_folded)} of them with their shift folded into the norm's bias)"
-        return line
+            notes.append(f"{len(self.shift_folded)} of them with their shift folded into the norm's bias")
+        if self.no_weights:
+            notes.append(f"{len(self.no_weights)} of them with no weight and bias to fold into")
+        return line + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def original_or_patched(patcher, key: str, owner: torch.nn.Module, attribute: str):
@@ -338,6 +344,8 @@ def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold
     for name, layer in layers.items():
         keys = (f"{name}.weight", f"{name}.bias")
         can = fold and has_weight_and_bias(modules[name], layer.dim)
+        if fold and not can:
+            placement.no_weights.append(name)
         if can and mode == EXACT:
             # A fold moves the layer's output before an earlier object patch's change, which the method
             # moves after it: only layers nothing else wraps fold.

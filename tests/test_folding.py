@@ -293,3 +293,28 @@ def test_a_folded_shift_adds_to_an_earlier_lora_on_the_norm_and_a_later_one(pack
     reference_after = pack.nodes.steering.steer_model(model, maps, 0.8, fold=False)
     reference_after.add_patches(patch, 1.0)
     assert_close(sample(after, clip), sample(reference_after, clip), sample(model, clip))
+
+
+def test_fold_all_says_when_it_cannot_fold_flux_norms_and_runs_them_as_exact(pack, flux, caplog):
+    """FLUX.1's norms have no weight and bias (their scale and shift come from the timestep's
+    modulation), so fold all has nothing to fold them into: Apply warns, its summary and Inspect say
+    how many run per step, and it runs them exactly as exact mode does."""
+    model, clip, _ = flux
+    modules = pack.nodes.model_layers.unet_modules(model)
+    names = [n for n, m in modules.items() if isinstance(m, torch.nn.LayerNorm)]
+    assert names and all(modules[n].weight is None for n in names)
+    g = torch.Generator().manual_seed(0)
+
+    def token_map(d):
+        return LayerMap(1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
+                        torch.full((d,), -float("inf")), torch.full((d,), float("inf")))
+    maps = TransportMaps({n: token_map(modules[n].normalized_shape[-1]) for n in names}, {"family": "FLUX.1"})
+    with caplog.at_level(logging.INFO, logger="comfyui_act"):
+        steered = apply(pack, model, maps, 1.0, mode="fold all (approximate)")[0]
+    line = f"0 layers folded into weights, {len(names)} run per step ({len(names)} of them with no weight and bias"
+    assert f"fold all cannot fold {len(names)} layers" in caplog.text and line in caplog.text
+    exact = apply(pack, model, maps, 1.0)[0]
+    assert sorted(k for k in steered.object_patches) == sorted(k for k in exact.object_patches)
+    assert not steered.patches and not exact.patches
+    _chart, summary = pack.nodes.nodes_view.InspectMaps.execute(maps, model).args
+    assert f"in fold all (approximate) mode, diffusion model: {line}" in summary
