@@ -222,10 +222,11 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
             a, b, lo, hi = (None if t is None else t.to(compute) for t in layer.params(x.device, strength))
             if conv and pixel:
                 a, b = a[:, None, None], b[:, None, None]
-            elif conv and lo is None and no_shift:
-                a, b = a[:, None, None], None  # no shift: x + a m, one kernel after the mean
             found = settled[key] = (compute, a, b, lo, hi)
         return found
+
+    if conv and not pixel and no_shift and not layer.gated:
+        return _no_shift_move(layer, strength)
 
     def move(x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:  # out= takes no part in autograd: apply's arithmetic is differentiable
@@ -245,8 +246,6 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
         if lo is not None:
             inside = torch.clamp(mean, lo, hi) == mean
         if not pixel:
-            if b is None:
-                return torch.addcmul(x, a, mean[..., None, None], out=torch.empty_like(x))
             delta = torch.addcmul(b, a, mean)
             if lo is not None:
                 delta = delta * inside
@@ -256,6 +255,29 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
             # gate * (a x + b) = (gate a) x + (gate b) for a gate of 0 or 1, NaN and inf included.
             a, b = a * inside, b * inside
         return torch.add(x, torch.addcmul(b, a, x), out=torch.empty_like(x))
+
+    return move
+
+
+def _no_shift_move(layer: LayerMap, strength: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """reference_transport of an ungated mean-form map without a shift: x + a m, the channel mean taken
+    with its dimensions kept (no reshaping per call) and the slope settled as [D, 1, 1] once per
+    device and dtype; for a float32 (float64) x the multiply-add writes its own result, for fp16/bf16
+    it rounds into x's dtype on store. The fewest Python steps per call: this runs at every step."""
+    settled: dict[tuple, tuple] = {}
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            return layer.apply(x, strength)
+        layer.check_shape(x)
+        found = settled.get((x.device, x.dtype))
+        if found is None:
+            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+            slope = layer.params(x.device, strength)[0].to(compute)[:, None, None]
+            found = settled[x.device, x.dtype] = (compute, slope, x.dtype == compute)
+        compute, slope, own = found
+        mean = x.mean((-2, -1), dtype=compute, keepdim=True)
+        return torch.addcmul(x, slope, mean) if own else torch.addcmul(x, slope, mean, out=torch.empty_like(x))
 
     return move
 
