@@ -6,9 +6,9 @@ no Triton, an unusual layout or dtype).
 
 Why a kernel: written in PyTorch, the gated affine map costs about seven elementwise kernels per
 layer (dtype casts, two comparisons, and, where, addcmul), each reading and writing the whole
-activation. One kernel reads the activation once (twice per channel for conv maps, whose second
-read is served from the cache), loads fp16/bf16/fp32, computes in float32 and writes once in the
-activation's dtype: the least traffic a separate pass can have.
+activation. One kernel reads the activation once (conv rows longer than ONE_BLOCK_PIXELS twice,
+the second read mostly served from the cache), loads fp16/bf16/fp32, computes in float32 and writes
+once in the activation's dtype: the least traffic a separate pass can have.
 
 Forms, per element x of the output (a, b: the map's slope/offset at this strength, see
 `LayerMap.params`; gate: lo <= v <= hi, always open for ungated maps):
@@ -47,6 +47,9 @@ except ImportError:  # CPU-only installs of torch come without Triton: the refer
     triton = None
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Conv rows up to this many pixels (128 x 128: SDXL's largest GroupNorm rows at 1024 px) are read
+# once, held in registers for the channel mean and the move; longer rows are read twice.
+ONE_BLOCK_PIXELS = 16384
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # COMFYUI_ACT_KERNELS=0 turns the fast path off (the reference runs everywhere): a way out should a
 # driver or Triton build misbehave, and how bench/gpu-check times the reference on the same card.
@@ -78,17 +81,34 @@ if triton is not None:
 
     @triton.jit
     def _conv_kernel(x_ptr, out_ptr, a_ptr, b_ptr, lo_ptr, hi_ptr, channels, pixels,
-                     GATED: tl.constexpr, PIXEL: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per (sample, channel) row of `pixels` contiguous elements. The row is walked
-        # with `while`, not `range(0, pixels, BLOCK)`: Triton 3.6's interpreter cannot take a runtime
-        # bound in range() (it fails converting the bound to an int), compiled Triton takes either.
+                     GATED: tl.constexpr, PIXEL: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+        # One program per (sample, channel) row of `pixels` contiguous elements. ONE_BLOCK: the row
+        # fits one block, is read once and kept in registers for the mean and the move. Otherwise the
+        # row is walked twice with `while`, not `range(0, pixels, BLOCK)`: Triton 3.6's interpreter
+        # cannot take a runtime bound in range() (it fails converting the bound to an int).
         row = tl.program_id(0).to(tl.int64)
         channel = row % channels
         base = row * pixels
         a = tl.load(a_ptr + channel)
         b = tl.load(b_ptr + channel)
         lanes = tl.arange(0, BLOCK)
-        if GATED or not PIXEL:
+        if ONE_BLOCK:
+            mask = lanes < pixels
+            x = tl.load(x_ptr + base + lanes, mask=mask, other=0.0).to(tl.float32)
+            if GATED or not PIXEL:
+                mean = tl.sum(x, axis=0) / pixels
+                if GATED:
+                    lo = tl.load(lo_ptr + channel)
+                    hi = tl.load(hi_ptr + channel)
+                    open_gate = ((mean >= lo) & (mean <= hi)).to(tl.float32)
+                    a = a * open_gate
+                    b = b * open_gate
+            if PIXEL:
+                y = x + (a * x + b)
+            else:
+                y = x + (a * mean + b)
+            tl.store(out_ptr + base + lanes, y.to(out_ptr.dtype.element_ty), mask=mask)
+        elif GATED or not PIXEL:
             total = tl.zeros([BLOCK], dtype=tl.float32)
             start = tl.full([], 0, tl.int32)
             while start < pixels:
@@ -104,17 +124,18 @@ if triton is not None:
                 b = b * open_gate
             if not PIXEL:
                 delta = a * mean + b
-        start = tl.full([], 0, tl.int32)
-        while start < pixels:
-            index = start + lanes
-            mask = index < pixels
-            x = tl.load(x_ptr + base + index, mask=mask, other=0.0).to(tl.float32)
-            if PIXEL:
-                y = x + (a * x + b)
-            else:
-                y = x + delta
-            tl.store(out_ptr + base + index, y.to(out_ptr.dtype.element_ty), mask=mask)
-            start += BLOCK
+        if not ONE_BLOCK:
+            start = tl.full([], 0, tl.int32)
+            while start < pixels:
+                index = start + lanes
+                mask = index < pixels
+                x = tl.load(x_ptr + base + index, mask=mask, other=0.0).to(tl.float32)
+                if PIXEL:
+                    y = x + (a * x + b)
+                else:
+                    y = x + delta
+                tl.store(out_ptr + base + index, y.to(out_ptr.dtype.element_ty), mask=mask)
+                start += BLOCK
 
 
 def _launch(layer: LayerMap, x: torch.Tensor, params: tuple) -> torch.Tensor:
@@ -129,9 +150,13 @@ def _launch(layer: LayerMap, x: torch.Tensor, params: tuple) -> torch.Tensor:
     else:
         pixels = x.shape[-1] * x.shape[-2]
         rows = x.numel() // pixels
-        block = min(2048, max(128, triton.next_power_of_2(pixels)))
+        one_block = pixels <= ONE_BLOCK_PIXELS
+        block = max(128, triton.next_power_of_2(pixels)) if one_block else 2048
+        # 32 values per thread at most in one block (16 warps of 32 threads for 16384 pixels)
+        warps = max(4, min(16, block // 1024)) if one_block else 4
         _conv_kernel[(rows,)](x, out, a, b, lo if gated else a, hi if gated else a, layer.dim, pixels,
-                              GATED=gated, PIXEL=layer.form == "pixel", BLOCK=block, num_warps=4)
+                              GATED=gated, PIXEL=layer.form == "pixel", BLOCK=block, ONE_BLOCK=one_block,
+                              num_warps=warps)
     return out
 
 
