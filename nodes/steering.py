@@ -9,9 +9,11 @@ folded: the map becomes weight patches on the layer (nodes/folding.py, the same 
        its own (token maps, pixel-form conv maps) with no gate, the layer has a weight and a bias to
        fold into, steering covers the whole sampling window and both branches (the text encoders
        have neither), and no earlier object patch wraps the layer (its output is moved after that
-       wrapper's, and a fold would move it before). "fold all (approximate)" folds every map that
-       has a weight and bias to fold into: conv maps of the mean form (Linear-AcT) then scale every
-       pixel instead of moving the channel mean, and support ranges are ignored.
+       wrapper's, and a fold would move it before). For a conv map of the mean form (Linear-AcT) it
+       folds the shift into the norm's bias and runs the rest, the mean's slope, per step
+       (LayerMap.mean_shift_fold): one mean and one multiply-add. "fold all (approximate)" folds
+       every map that has a weight and bias to fold into: conv maps of the mean form (Linear-AcT)
+       then scale every pixel instead of moving the channel mean, and support ranges are ignored.
 per step: diffusion model: an object patch on the .forward of each such layer (wrapping the layer's
        forward and transporting its output) and one on "diffusion_model.forward" that tells them,
        per call, whether this call is steered and which batch rows to move. The per-call state is
