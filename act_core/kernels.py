@@ -6,9 +6,9 @@ no Triton, an unusual layout or dtype).
 
 Why a kernel: written in PyTorch, the gated affine map costs about seven elementwise kernels per
 layer (dtype casts, two comparisons, and, where, addcmul), each reading and writing the whole
-activation. One kernel reads the activation once (twice per channel for conv maps, whose second
-read is served from the cache), loads fp16/bf16/fp32, computes in float32 and writes once in the
-activation's dtype: the least traffic a separate pass can have.
+activation. One kernel reads the activation once (conv rows longer than ONE_BLOCK_PIXELS twice,
+the second read mostly served from the cache), loads fp16/bf16/fp32, computes in float32 and writes
+once in the activation's dtype: the least traffic a separate pass can have.
 
 Forms, per element x of the output (a, b: the map's slope/offset at this strength, see
 `LayerMap.params`; gate: lo <= v <= hi, always open for ungated maps):
@@ -47,6 +47,9 @@ except ImportError:  # CPU-only installs of torch come without Triton: the refer
     triton = None
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Conv rows up to this many pixels (128 x 128: SDXL's largest GroupNorm rows at 1024 px) are read
+# once, held in registers for the channel mean and the move; longer rows are read twice.
+ONE_BLOCK_PIXELS = 16384
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # COMFYUI_ACT_KERNELS=0 turns the fast path off (the reference runs everywhere): a way out should a
 # driver or Triton build misbehave, and how bench/gpu-check times the reference on the same card.
@@ -78,17 +81,34 @@ if triton is not None:
 
     @triton.jit
     def _conv_kernel(x_ptr, out_ptr, a_ptr, b_ptr, lo_ptr, hi_ptr, channels, pixels,
-                     GATED: tl.constexpr, PIXEL: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per (sample, channel) row of `pixels` contiguous elements. The row is walked
-        # with `while`, not `range(0, pixels, BLOCK)`: Triton 3.6's interpreter cannot take a runtime
-        # bound in range() (it fails converting the bound to an int), compiled Triton takes either.
+                     GATED: tl.constexpr, PIXEL: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+        # One program per (sample, channel) row of `pixels` contiguous elements. ONE_BLOCK: the row
+        # fits one block, is read once and kept in registers for the mean and the move. Otherwise the
+        # row is walked twice with `while`, not `range(0, pixels, BLOCK)`: Triton 3.6's interpreter
+        # cannot take a runtime bound in range() (it fails converting the bound to an int).
         row = tl.program_id(0).to(tl.int64)
         channel = row % channels
         base = row * pixels
         a = tl.load(a_ptr + channel)
         b = tl.load(b_ptr + channel)
         lanes = tl.arange(0, BLOCK)
-        if GATED or not PIXEL:
+        if ONE_BLOCK:
+            mask = lanes < pixels
+            x = tl.load(x_ptr + base + lanes, mask=mask, other=0.0).to(tl.float32)
+            if GATED or not PIXEL:
+                mean = tl.sum(x, axis=0) / pixels
+                if GATED:
+                    lo = tl.load(lo_ptr + channel)
+                    hi = tl.load(hi_ptr + channel)
+                    open_gate = ((mean >= lo) & (mean <= hi)).to(tl.float32)
+                    a = a * open_gate
+                    b = b * open_gate
+            if PIXEL:
+                y = x + (a * x + b)
+            else:
+                y = x + (a * mean + b)
+            tl.store(out_ptr + base + lanes, y.to(out_ptr.dtype.element_ty), mask=mask)
+        elif GATED or not PIXEL:
             total = tl.zeros([BLOCK], dtype=tl.float32)
             start = tl.full([], 0, tl.int32)
             while start < pixels:
@@ -104,17 +124,18 @@ if triton is not None:
                 b = b * open_gate
             if not PIXEL:
                 delta = a * mean + b
-        start = tl.full([], 0, tl.int32)
-        while start < pixels:
-            index = start + lanes
-            mask = index < pixels
-            x = tl.load(x_ptr + base + index, mask=mask, other=0.0).to(tl.float32)
-            if PIXEL:
-                y = x + (a * x + b)
-            else:
-                y = x + delta
-            tl.store(out_ptr + base + index, y.to(out_ptr.dtype.element_ty), mask=mask)
-            start += BLOCK
+        if not ONE_BLOCK:
+            start = tl.full([], 0, tl.int32)
+            while start < pixels:
+                index = start + lanes
+                mask = index < pixels
+                x = tl.load(x_ptr + base + index, mask=mask, other=0.0).to(tl.float32)
+                if PIXEL:
+                    y = x + (a * x + b)
+                else:
+                    y = x + delta
+                tl.store(out_ptr + base + index, y.to(out_ptr.dtype.element_ty), mask=mask)
+                start += BLOCK
 
 
 def _launch(layer: LayerMap, x: torch.Tensor, params: tuple) -> torch.Tensor:
@@ -129,9 +150,13 @@ def _launch(layer: LayerMap, x: torch.Tensor, params: tuple) -> torch.Tensor:
     else:
         pixels = x.shape[-1] * x.shape[-2]
         rows = x.numel() // pixels
-        block = min(2048, max(128, triton.next_power_of_2(pixels)))
+        one_block = pixels <= ONE_BLOCK_PIXELS
+        block = max(128, triton.next_power_of_2(pixels)) if one_block else 2048
+        # 32 values per thread at most in one block (16 warps of 32 threads for 16384 pixels)
+        warps = max(4, min(16, block // 1024)) if one_block else 4
         _conv_kernel[(rows,)](x, out, a, b, lo if gated else a, hi if gated else a, layer.dim, pixels,
-                              GATED=gated, PIXEL=layer.form == "pixel", BLOCK=block, num_warps=4)
+                              GATED=gated, PIXEL=layer.form == "pixel", BLOCK=block, ONE_BLOCK=one_block,
+                              num_warps=warps)
     return out
 
 
@@ -201,12 +226,17 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
     whole moved activation. Per layer and call, on a [B, D, H, W] or [..., D] activation:
         token ungated: 1 kernel (3 for fp16 in apply); gated: 4 (7)
         conv mean form: mean + a small multiply-add + 1 add (5 for fp16); gated: + 3 small ones
-        conv pixel form: 2 (5 for fp16); gated: mean + 4 small + 2 (8).
+        conv pixel form: 2 (5 for fp16); gated: mean + 4 small + 2 (8);
+        conv mean form without a shift (what runs of a map whose shift is folded into the norm's bias,
+        `LayerMap.mean_shift_fold`): mean + 1 multiply-add, x + a m in one kernel. That one rounds
+        a m + x once (a fused multiply-add where the CPU or GPU has one) where apply rounds a m first:
+        equal to apply within one float rounding, not bit for bit.
     float64 activations keep float64 arithmetic, as in apply."""
     strength = check_strength(strength)
     if strength == 0.0:
         return lambda x: x
     conv, pixel = layer.kind == "conv", layer.form == "pixel"
+    no_shift = not bool(layer.shift.any())  # the inverse's shift, -shift / scale, is zero with it
     settled: dict[tuple, tuple] = {}
 
     def parameters(x: torch.Tensor) -> tuple:
@@ -219,6 +249,9 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
                 a, b = a[:, None, None], b[:, None, None]
             found = settled[key] = (compute, a, b, lo, hi)
         return found
+
+    if conv and not pixel and no_shift and not layer.gated:
+        return _no_shift_move(layer, strength)
 
     def move(x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:  # out= takes no part in autograd: apply's arithmetic is differentiable
@@ -247,6 +280,29 @@ def reference_transport(layer: LayerMap, strength: float) -> Callable[[torch.Ten
             # gate * (a x + b) = (gate a) x + (gate b) for a gate of 0 or 1, NaN and inf included.
             a, b = a * inside, b * inside
         return torch.add(x, torch.addcmul(b, a, x), out=torch.empty_like(x))
+
+    return move
+
+
+def _no_shift_move(layer: LayerMap, strength: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """reference_transport of an ungated mean-form map without a shift: x + a m, the channel mean taken
+    with its dimensions kept (no reshaping per call) and the slope settled as [D, 1, 1] once per
+    device and dtype; for a float32 (float64) x the multiply-add writes its own result, for fp16/bf16
+    it rounds into x's dtype on store. The fewest Python steps per call: this runs at every step."""
+    settled: dict[tuple, tuple] = {}
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            return layer.apply(x, strength)
+        layer.check_shape(x)
+        found = settled.get((x.device, x.dtype))
+        if found is None:
+            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+            slope = layer.params(x.device, strength)[0].to(compute)[:, None, None]
+            found = settled[x.device, x.dtype] = (compute, slope, x.dtype == compute)
+        compute, slope, own = found
+        mean = x.mean((-2, -1), dtype=compute, keepdim=True)
+        return torch.addcmul(x, slope, mean) if own else torch.addcmul(x, slope, mean, out=torch.empty_like(x))
 
     return move
 

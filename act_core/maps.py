@@ -38,6 +38,9 @@ FORM_OF_METHOD: dict[str, ConvForm] = {"linear": "mean", "gaussian": "pixel", "m
 DEFAULT_SUPPORTS = {"linear": "all", "gaussian": "all", "mean": "all"}
 # Below this |scale| the affine map squeezes a neuron to (almost) a point and has no usable inverse.
 _INVERTIBLE_SCALE_FLOOR = 1e-6
+# A mean-form map folds its shift into the norm's bias divided by the mean's scale (1 + slope); below
+# this |1 + slope| the folded shift would outgrow the map's own (see LayerMap.mean_shift_fold).
+_MEAN_FOLD_FLOOR = 0.25
 
 
 def check_strength(strength: float) -> float:
@@ -117,6 +120,33 @@ class LayerMap:
         """Whether the map acts on each element on its own (token maps, and conv maps of the pixel
         form), so that, ungated, it folds exactly into the weights of the layer producing it."""
         return self.kind == "token" or self.form == "pixel"
+
+    def mean_shift_fold(self, strength: float) -> tuple[torch.Tensor, "LayerMap"] | None:
+        """For an ungated conv map of the mean form: (c, rest) such that adding c [D] to the output of
+        the layer (to a norm's bias) and then running `rest` at strength 1 is this map at `strength`.
+
+        With a, b the map's slope and offset at this strength (`params`) and m the channel's spatial
+        mean of the output y, the map gives y' = y + a m + b. Folding c = b / (1 + a) gives
+        y_f = y + c, whose mean is m + c, and y_f + a mean(y_f) = y + a m + (1 + a) c = y': exactly the
+        map, with only the mean's slope left to run (rest: slope a, no shift). None where this does
+        not hold or costs precision: other kinds and forms, a support range, or a channel with
+        |1 + a| < 1/4 (c would grow beyond 4 |b|, and the folded bias carry the rounding of that)."""
+        strength = check_strength(strength)
+        if strength == 0.0 or self.kind != "conv" or self.form != "mean":
+            return None
+        source = self.inverse() if strength < 0 else self
+        if source.gated:
+            return None
+        lam = abs(strength)
+        slope = lam * (source.scale - 1.0)
+        rest_scale = 1.0 + slope
+        # rest runs with slope rest_scale - 1 (as float32 computes it): c is divided by that slope plus 1
+        kept = (rest_scale - 1.0).double() + 1.0
+        if bool((kept.abs() < _MEAN_FOLD_FLOOR).any()):
+            return None
+        shift = ((lam * source.shift).double() / kept).to(torch.float32)
+        inf = torch.full_like(self.lo, math.inf)
+        return shift, LayerMap(rest_scale, torch.zeros_like(self.shift), -inf, inf, "conv", self.degenerate, "mean")
 
     def params(self, device: torch.device, strength: float) -> tuple:
         """(a, b, lo, hi), float32 on `device`: the map at this strength, with the inverse taken for

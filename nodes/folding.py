@@ -26,13 +26,14 @@ log = logging.getLogger("comfyui_act")
 
 
 class FoldedMap(WeightAdapterBase):
-    """A weight patch: weight' = weight + strength * (slope * weight [+ shift]), per output row."""
+    """A weight patch: weight' = weight + strength * (slope * weight [+ shift]), per output row; with no
+    slope, a bias shift alone: bias' = bias + strength * shift (a mean-form map's folded shift)."""
 
     name = "act_transport_fold"
 
-    def __init__(self, slope: torch.Tensor, shift: torch.Tensor | None):
+    def __init__(self, slope: torch.Tensor | None, shift: torch.Tensor | None):
         self.loaded_keys = set()
-        self.slope = slope.detach().to(torch.float32).contiguous()
+        self.slope = None if slope is None else slope.detach().to(torch.float32).contiguous()
         self.shift = None if shift is None else shift.detach().to(torch.float32).contiguous()
         self.weights = [t for t in (self.slope, self.shift) if t is not None]
 
@@ -44,10 +45,13 @@ class FoldedMap(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        rows = self.slope.to(weight.device).view(-1, *([1] * (weight.ndim - 1)))
-        delta = weight.to(torch.float32) * rows
-        if self.shift is not None:
-            delta = delta + self.shift.to(weight.device)
+        if self.slope is None:
+            delta = self.shift.to(weight.device).expand(weight.shape)
+        else:
+            rows = self.slope.to(weight.device).view(-1, *([1] * (weight.ndim - 1)))
+            delta = weight.to(torch.float32) * rows
+            if self.shift is not None:
+                delta = delta + self.shift.to(weight.device)
         weight += function(strength * delta).to(weight.dtype)
         return weight
 
@@ -58,6 +62,11 @@ def fold_patches(layer: LayerMap, name: str, strength: float) -> dict[str, Folde
     source = layer.inverse() if strength < 0 else layer
     slope = source.scale - 1.0
     return {f"{name}.weight": FoldedMap(slope, None), f"{name}.bias": FoldedMap(slope, source.shift)}
+
+
+def shift_patch(name: str, shift: torch.Tensor) -> dict[str, FoldedMap]:
+    """The bias patch (added at patch strength 1) that adds `shift` to module `name`'s output."""
+    return {f"{name}.bias": FoldedMap(None, shift)}
 
 
 def has_weight_and_bias(module: torch.nn.Module, dim: int) -> bool:

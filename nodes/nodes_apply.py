@@ -6,7 +6,8 @@ import math
 
 from comfy_api.latest import io
 
-from .steering import BRANCHES, LEGACY_MODES, MODES, Placement, check_mode, steer_clip_placed, steer_model_placed
+from .steering import (BRANCHES, FOLD_ALL, LEGACY_MODES, MODES, Placement, check_mode, steer_clip_placed,
+                       steer_model_placed)
 from .types import CATEGORY, Maps
 
 
@@ -39,11 +40,14 @@ class ApplyTransportMaps(io.ComfyNode):
                                tooltip="exact: the method as published. Maps that fold exactly into their "
                                        "layer's weights (token layers on norms with a weight and bias, no "
                                        "support range, whole window, both branches) are folded, at no cost per "
-                                       "step; the rest (conv layers, support ranges, a partial window or "
-                                       "branch) run per step. fold all (approximate): every map is folded, no "
-                                       "cost per step, but conv layers then scale every pixel instead of moving "
-                                       "the channel mean, and support ranges are ignored; a partial window or "
-                                       "branch runs exact. Workflows that say 'fused' mean fold all."),
+                                       "step; conv layers fold their shift into the norm's bias and run the "
+                                       "channel mean's change per step; the rest (support ranges, a partial "
+                                       "window or branch) run per step. fold all (approximate): every map with a "
+                                       "weight and bias to fold into is folded, no cost per step, but conv layers "
+                                       "then scale every pixel instead of moving the channel mean, and support "
+                                       "ranges are ignored; a partial window or branch runs exact, and norms "
+                                       "without a weight and bias (FLUX.1, SD3) run per step as in exact. "
+                                       "Workflows that say 'fused' mean fold all."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Connect the CLIP to also steer its text encoders when the maps include them "
                                       "(CLIP-L/G/H; T5 on FLUX.1 and SD3)."),
@@ -82,6 +86,11 @@ class ApplyTransportMaps(io.ComfyNode):
                 "diffusion model is steered. Connect the CLIP and use the CLIP output for the prompts.", text_layers)
         steered_model, unet = steer_model_placed(model, maps, strength, start_percent, end_percent, branch, mode)
         steered_clip, text = steer_clip_placed(clip, maps, strength, mode) if clip is not None else (None, Placement())
+        unfoldable = unet.no_weights + text.no_weights
+        if check_mode(mode) == FOLD_ALL and unfoldable:
+            log.warning("Apply Transport Maps: fold all cannot fold %d layers (e.g. %s): they have no weight and bias "
+                        "to fold into (norms without affine parameters, as on FLUX.1 and SD3), so they run per step "
+                        "as in exact mode, at exact mode's cost.", len(unfoldable), unfoldable[0])
         log.info("Apply Transport Maps: %s", summary(unet, text))
         return io.NodeOutput(steered_model, steered_clip)
 

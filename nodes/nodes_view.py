@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..act_core import check_strength, layer_movement
-from .steering import steer_clip_placed, steer_model_placed
+from .steering import MODES, steer_clip_placed, steer_model_placed
 from .pictures import grid, labelled_tiles, movement_chart, part_of, to_image
 from .types import CATEGORY, Maps
 
@@ -135,8 +135,10 @@ def placement_lines(maps, model=None, clip=None) -> list[str]:
     """Where Apply (exact, strength 1, whole window, both branches) puts the layers of these maps: the
     same placement Apply computes, on a clone that is dropped."""
     lines = []
-    if model is not None and any(n.startswith("diffusion_model.") for n in maps):
-        lines.append("in exact mode, " + steer_model_placed(model, maps, 1.0)[1].summary("diffusion model"))
-    if clip is not None and any(not n.startswith("diffusion_model.") for n in maps):
-        lines.append("in exact mode, " + steer_clip_placed(clip, maps, 1.0)[1].summary("text encoders", "per encode"))
+    for mode in MODES:
+        if model is not None and any(n.startswith("diffusion_model.") for n in maps):
+            lines.append(f"in {mode} mode, " + steer_model_placed(model, maps, 1.0, mode=mode)[1].summary("diffusion model"))
+        if clip is not None and any(not n.startswith("diffusion_model.") for n in maps):
+            lines.append(f"in {mode} mode, "
+                         + steer_clip_placed(clip, maps, 1.0, mode)[1].summary("text encoders", "per encode"))
     return lines

@@ -9,9 +9,11 @@ folded: the map becomes weight patches on the layer (nodes/folding.py, the same 
        its own (token maps, pixel-form conv maps) with no gate, the layer has a weight and a bias to
        fold into, steering covers the whole sampling window and both branches (the text encoders
        have neither), and no earlier object patch wraps the layer (its output is moved after that
-       wrapper's, and a fold would move it before). "fold all (approximate)" folds every map that
-       has a weight and bias to fold into: conv maps of the mean form (Linear-AcT) then scale every
-       pixel instead of moving the channel mean, and support ranges are ignored.
+       wrapper's, and a fold would move it before). For a conv map of the mean form (Linear-AcT) it
+       folds the shift into the norm's bias and runs the rest, the mean's slope, per step
+       (LayerMap.mean_shift_fold): one mean and one multiply-add. "fold all (approximate)" folds
+       every map that has a weight and bias to fold into: conv maps of the mean form (Linear-AcT)
+       then scale every pixel instead of moving the channel mean, and support ranges are ignored.
 per step: diffusion model: an object patch on the .forward of each such layer (wrapping the layer's
        forward and transporting its output) and one on "diffusion_model.forward" that tells them,
        per call, whether this call is steered and which batch rows to move. The per-call state is
@@ -36,9 +38,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..act_core import TransportMaps, check_strength, kernels
+from ..act_core import LayerMap, TransportMaps, check_strength, kernels
 from ..act_core.modules import Hook, hooks_installed  # noqa: F401  (collection uses it from here too)
-from .folding import HookFold, LaterPatchCheck, fold_patches, folds_exactly, has_weight_and_bias
+from .folding import HookFold, LaterPatchCheck, fold_patches, folds_exactly, has_weight_and_bias, shift_patch
 from .model_layers import ActError, check_maps_fit, clip_modules, is_unet_layer, unet_modules
 
 log = logging.getLogger("comfyui_act")
@@ -62,18 +64,31 @@ def check_mode(mode: str) -> str:
 
 @dataclass
 class Placement:
-    """Where each mapped layer of one apply went: folded into weights, or run per step."""
+    """Where each mapped layer of one apply went: folded into weights, or run per step. shift_folded:
+    the per-step layers (mean-form conv maps) whose shift is folded into the norm's bias, each with
+    what is left to run per step (LayerMap.mean_shift_fold). no_weights: the per-step layers with no
+    weight and bias to fold into (FLUX.1's and SD3's norms have none), which run per step in any mode."""
 
     folded: list[str] = field(default_factory=list)
     per_step: list[str] = field(default_factory=list)
+    shift_folded: dict[str, LayerMap] = field(default_factory=dict)
+    no_weights: list[str] = field(default_factory=list)
 
     def __iadd__(self, other: "Placement") -> "Placement":
         self.folded += other.folded
         self.per_step += other.per_step
+        self.shift_folded.update(other.shift_folded)
+        self.no_weights += other.no_weights
         return self
 
     def summary(self, part: str, when: str = "per step") -> str:
-        return f"{part}: {len(self.folded)} layers folded into weights, {len(self.per_step)} run {when}"
+        line = f"{part}: {len(self.folded)} layers folded into weights, {len(self.per_step)} run {when}"
+        notes = []
+        if self.shift_folded:
+            notes.append(f"{len(self.shift_folded)} of them with their shift folded into the norm's bias")
+        if self.no_weights:
+            notes.append(f"{len(self.no_weights)} of them with no weight and bias to fold into")
+        return line + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def original_or_patched(patcher, key: str, owner: torch.nn.Module, attribute: str):
@@ -180,13 +195,19 @@ def steer_model_placed(model, maps: TransportMaps, strength: float, start_percen
     modules = unet_modules(model)
     whole_window = start_percent == 0.0 and end_percent == 1.0
     if whole_window and branch == BRANCHES[0]:
-        placement = _fold(patched, layers, modules, strength, mode, fold)
+        placement = _fold(patched, layers, modules, strength, mode, fold, mean_shift=True)
     else:
         if mode == FOLD_ALL:
             log.warning("ComfyUI-ACT: folding cannot limit the sampling window or the branch; "
                         "the diffusion model is steered per step (exact)")
         placement = Placement(per_step=list(layers))
-    layers = {n: layers[n] for n in placement.per_step}
+    for name, rest in placement.shift_folded.items():
+        # The norm's bias now holds the shift, so this layer's output is only right with the rest run
+        # on it: at every call of the layer, steered or not (the fold acts in every call too).
+        key = f"{name}.forward"
+        inner = original_or_patched(patched, key, modules[name], "forward")
+        patched.add_object_patch(key, _moved_forward(inner, kernels.transport(rest, 1.0)))
+    layers = {n: layers[n] for n in placement.per_step if n not in placement.shift_folded}
     if not layers:
         return patched, placement
 
@@ -231,6 +252,17 @@ def _transported_forward(inner: Callable, move: Callable[[torch.Tensor], torch.T
         moved = output.clone()
         moved[rows] = move(output[rows])
         return moved
+    return forward
+
+
+def _moved_forward(inner: Callable, move: Callable[[torch.Tensor], torch.Tensor]):
+    """A layer's forward that transports its output at every call."""
+    def forward(*args, **kwargs):
+        output = inner(*args, **kwargs)
+        if not isinstance(output, torch.Tensor):
+            raise ActError(f"a mapped layer returned {type(output).__name__}, not a tensor; these maps do not fit "
+                           "this model: fit maps on it with Fit Transport Maps")
+        return move(output)
     return forward
 
 
@@ -301,18 +333,30 @@ def _steer_conditioning(patched, clip, conditioning, strength: float) -> None:
     patched.patcher.add_object_patch("encode_token_weights", encode)
 
 
-def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold: bool) -> Placement:
-    """Fold into weight patches on `patcher` what the mode folds; the rest is left to run per step."""
+def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold: bool,
+          mean_shift: bool = False) -> Placement:
+    """Fold into weight patches on `patcher` what the mode folds; the rest is left to run per step.
+    mean_shift: in exact mode, fold the shift of mean-form conv maps into the norm's bias too (only
+    where every call of the layer is steered: the whole window, both branches)."""
     import comfy.patcher_extension
     placement = Placement()
     patches: dict = {}
+    shifts: dict = {}
     rows: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         keys = (f"{name}.weight", f"{name}.bias")
         can = fold and has_weight_and_bias(modules[name], layer.dim)
+        if fold and not can:
+            placement.no_weights.append(name)
         if can and mode == EXACT:
-            can = (folds_exactly(layer, strength) and not _wrapped(patcher, name)
-                   and not any(k in patcher.weight_wrapper_patches for k in keys))
+            # A fold moves the layer's output before an earlier object patch's change, which the method
+            # moves after it: only layers nothing else wraps fold.
+            clear = not _wrapped(patcher, name) and not any(k in patcher.weight_wrapper_patches for k in keys)
+            split = layer.mean_shift_fold(strength) if clear and mean_shift else None
+            if split is not None:
+                shifts.update(shift_patch(name, split[0]))
+                placement.shift_folded[name] = split[1]
+            can = clear and folds_exactly(layer, strength)
         if not can:
             placement.per_step.append(name)
             continue
@@ -321,6 +365,13 @@ def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold
         patches.update(layer_patches)
         for key, patch in layer_patches.items():
             rows[key] = 1.0 + abs(strength) * patch.slope
+    # A shift folded into a bias adds to whatever the bias is (LoRAs and hooks before or after it):
+    # no hook correction and no order check are needed for it.
+    if shifts:
+        missing = sorted(set(shifts) - set(patcher.add_patches(shifts, 1.0)))
+        if missing:
+            raise ActError(f"ComfyUI refused bias patches for {len(missing)} layers (e.g. {missing[0]}); "
+                           "report the model")
     if patches:
         accepted = set(patcher.add_patches(patches, abs(strength)))
         missing = sorted(set(patches) - accepted)

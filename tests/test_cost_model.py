@@ -72,3 +72,46 @@ def test_the_pytorch_path_moves_an_activation_in_fewer_kernels_than_apply():
         fast, reference = counted(lambda: move(x)), counted(lambda: layer.apply(x, 0.7))
         assert (fast.kernels, fast.large, reference.kernels) == (count, large, apply_count), (kind, method, support)
         assert fast.read + fast.written < reference.read + reference.written
+
+
+def test_exact_mode_adds_two_kernels_per_group_norm_and_none_per_folded_layer(pack, sd15):
+    """One call of a real ComfyUI UNet (the tiny SD1.5), steered in exact mode on the PyTorch path (no
+    Triton), counted against the same call unsteered: the LayerNorms' maps are folded (0 kernels), the
+    GroupNorms' mean-form maps have their shift folded into the norm's bias and run a mean and one
+    multiply-add each (2 kernels), whatever the strength's sign."""
+    from make_models import TINY_CLIP
+    from act_core import LayerMap, TransportMaps
+    model = sd15[0]
+    modules = pack.nodes.model_layers.unet_modules(model)
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for name, module in modules.items():
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            d = module.weight.shape[0]
+            layers[name] = LayerMap(1 + 0.2 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
+                                    torch.full((d,), -float("inf")), torch.full((d,), float("inf")),
+                                    "conv" if isinstance(module, torch.nn.GroupNorm) else "token")
+    group_norms = sum(m.kind == "conv" for m in layers.values())
+    maps = TransportMaps(layers, {"family": "SD1.x", "method": "linear"})
+    feed = {"x": torch.randn(2, 4, 8, 8, generator=g), "timesteps": torch.tensor([500.0, 500.0]),
+            "context": torch.randn(2, 77, TINY_CLIP["hidden_size"], generator=g)}
+
+    def call(patcher):
+        patcher.patch_model()
+        try:
+            dm = patcher.model.diffusion_model
+            dm(**feed, transformer_options={"cond_or_uncond": [0, 1]})  # settles the maps' parameters
+            return counted(lambda: dm(**feed, transformer_options={"cond_or_uncond": [0, 1]}))
+        finally:
+            patcher.unpatch_model()
+
+    saved = kernels.ENABLED
+    kernels.ENABLED = False  # the PyTorch path, as on a GPU without Triton
+    try:
+        base = call(model)
+        for strength in (0.8, -0.6):
+            steered, placement = pack.nodes.steering.steer_model_placed(model, maps, strength)
+            assert len(placement.shift_folded) == len(placement.per_step) == group_norms > 0
+            assert call(steered).kernels - base.kernels == 2 * group_norms, strength
+    finally:
+        kernels.ENABLED = saved

@@ -66,12 +66,19 @@ def test_exact_folds_the_token_layers_and_samples_what_the_per_step_reference_sa
     folded_model, unet = steering.steer_model_placed(model, maps, strength)
     folded_clip, text = steering.steer_clip_placed(clip, maps, strength)
     # What folds: every LayerNorm (token maps on affine norms), UNet and text encoders; GroupNorms
-    # (Linear-AcT's mean form) run per step.
+    # (Linear-AcT's mean form) run per step, their shift folded into the norm's bias (a bias patch,
+    # no weight patch) and the mean's slope run on the output.
     unet_norms, text_norms = norms(pack, layers.unet_modules(model)), norms(pack, layers.clip_modules(clip))
     assert sorted(unet.folded) == sorted(n for n, m in unet_norms.items() if isinstance(m, torch.nn.LayerNorm))
     assert sorted(unet.per_step) == sorted(n for n, m in unet_norms.items() if isinstance(m, torch.nn.GroupNorm))
     assert sorted(text.folded) == sorted(n for n in maps if n in text_norms) and not text.per_step
     assert not any(f"{n}.forward" in folded_model.object_patches for n in unet.folded)
+    # The shift folds where dividing it by the mean's scale keeps it within 4x (LayerMap.mean_shift_fold):
+    # most GroupNorms of the fitted maps; the rest keep the shift per step.
+    assert sorted(unet.shift_folded) == sorted(n for n in unet.per_step if maps[n].mean_shift_fold(strength))
+    assert unet.shift_folded
+    assert all(f"{n}.bias" in folded_model.patches and f"{n}.weight" not in folded_model.patches
+               and f"{n}.forward" in folded_model.object_patches for n in unet.shift_folded)
     assert not [k for k in folded_clip.patcher.object_patches if k.endswith(".forward")]  # all folded, none hooked
     reference = sample(*per_step(pack, model, maps, strength, clip))
     assert_close(sample(folded_model, folded_clip), reference, sample(model, clip))
@@ -197,10 +204,12 @@ def test_apply_says_how_many_layers_fold_and_how_many_run_per_step(pack, sd15, m
     text = sum(1 for n in maps_sd15 if not n.startswith("diffusion_model."))
     with caplog.at_level(logging.INFO, logger="comfyui_act"):
         apply(pack, model, maps_sd15, 1.0, clip)
-    assert (f"diffusion model: {layer_norms} layers folded into weights, {group_norms} run per step; "
+    assert (f"diffusion model: {layer_norms} layers folded into weights, {group_norms} run per step "
+            f"({group_norms} of them with their shift folded into the norm's bias); "
             f"text encoders: {text} layers folded into weights, 0 run per encode") in caplog.text
     chart, summary = pack.nodes.nodes_view.InspectMaps.execute(maps_sd15, model, clip).args
-    assert f"{layer_norms} layers folded into weights, {group_norms} run per step" in summary
+    assert (f"{layer_norms} layers folded into weights, {group_norms} run per step ({group_norms} of them with "
+            "their shift folded") in summary
 
 
 def test_fold_all_is_named_approximate_and_old_fused_workflows_still_run_it_with_one_warning(
@@ -240,3 +249,75 @@ def test_a_lora_loaded_after_apply_on_a_folded_layer_is_reported_once(pack, sd15
         sample(after, clip)
         sample(after, clip)
     assert caplog.text.count("a LoRA loaded after Apply") == 1 and layer in caplog.text
+
+
+def conv_maps(model, pack, scale: float, shift: float):
+    modules = pack.nodes.model_layers.unet_modules(model)
+    d = {n: m.num_channels for n, m in modules.items() if isinstance(m, torch.nn.GroupNorm)}
+    g = torch.Generator().manual_seed(3)
+    return TransportMaps({n: LayerMap(scale + 0.05 * torch.randn(c, generator=g), shift + 0.1 * torch.randn(c, generator=g),
+                                      torch.full((c,), -float("inf")), torch.full((c,), float("inf")), "conv")
+                          for n, c in d.items()}, {"family": "SD1.x", "method": "linear"})
+
+
+def test_a_mean_form_map_keeps_its_shift_per_step_where_folding_it_is_not_exact(pack, sd15):
+    """The shift folds into the bias divided by the mean's scale 1 + strength (scale - 1): where that
+    is near 0 (here 1 + 1.2 (0.2 - 1) = 0.04) it stays per step; a window or the conditional branch
+    alone keeps every conv map as it is (the fold would act outside them). Each samples the reference."""
+    model, clip, _ = sd15
+    steering = pack.nodes.steering
+    maps = conv_maps(model, pack, 0.2, 0.3)
+    near_zero, placement = steering.steer_model_placed(model, maps, 1.2)
+    assert not placement.shift_folded and len(placement.per_step) == len(maps)
+    assert not [k for k in near_zero.patches if k.endswith(".bias")]
+    assert_close(sample(near_zero, clip), sample(steering.steer_model(model, maps, 1.2, fold=False), clip),
+                 sample(model, clip))
+    assert steering.steer_model_placed(model, maps, 0.5)[1].shift_folded  # 1 + 0.5 (0.2 - 1) = 0.6 folds
+    for window, branch in (((0.0, 0.6), BOTH), ((0.0, 1.0), "conditional only")):
+        _, placement = steering.steer_model_placed(model, maps, 0.5, *window, branch)
+        assert not placement.shift_folded and len(placement.per_step) == len(maps)
+
+
+def test_a_folded_shift_adds_to_an_earlier_lora_on_the_norm_and_a_later_one(pack, sd15):
+    """A bias patch from a LoRA, before or after Apply, on a GroupNorm whose shift is folded: the shift
+    adds to whatever the bias is, so both orders sample the per-step reference, without a warning."""
+    model, clip, _ = sd15
+    maps = conv_maps(model, pack, 0.9, 0.2)
+    layer = next(iter(maps))
+    patch = {k: (d,) for k, d in lora_like(model, [f"{layer}.bias", f"{layer}.weight"], 0.5).items()}
+    before = model.clone()
+    before.add_patches(patch, 1.0)
+    reference = sample(pack.nodes.steering.steer_model(before, maps, 0.8, fold=False), clip)
+    steered, placement = pack.nodes.steering.steer_model_placed(before, maps, 0.8)
+    assert layer in placement.shift_folded
+    assert_close(sample(steered, clip), reference, sample(before, clip))
+    after, _ = pack.nodes.steering.steer_model_placed(model, maps, 0.8)
+    after.add_patches(patch, 1.0)
+    reference_after = pack.nodes.steering.steer_model(model, maps, 0.8, fold=False)
+    reference_after.add_patches(patch, 1.0)
+    assert_close(sample(after, clip), sample(reference_after, clip), sample(model, clip))
+
+
+def test_fold_all_says_when_it_cannot_fold_flux_norms_and_runs_them_as_exact(pack, flux, caplog):
+    """FLUX.1's norms have no weight and bias (their scale and shift come from the timestep's
+    modulation), so fold all has nothing to fold them into: Apply warns, its summary and Inspect say
+    how many run per step, and it runs them exactly as exact mode does."""
+    model, clip, _ = flux
+    modules = pack.nodes.model_layers.unet_modules(model)
+    names = [n for n, m in modules.items() if isinstance(m, torch.nn.LayerNorm)]
+    assert names and all(modules[n].weight is None for n in names)
+    g = torch.Generator().manual_seed(0)
+
+    def token_map(d):
+        return LayerMap(1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
+                        torch.full((d,), -float("inf")), torch.full((d,), float("inf")))
+    maps = TransportMaps({n: token_map(modules[n].normalized_shape[-1]) for n in names}, {"family": "FLUX.1"})
+    with caplog.at_level(logging.INFO, logger="comfyui_act"):
+        steered = apply(pack, model, maps, 1.0, mode="fold all (approximate)")[0]
+    line = f"0 layers folded into weights, {len(names)} run per step ({len(names)} of them with no weight and bias"
+    assert f"fold all cannot fold {len(names)} layers" in caplog.text and line in caplog.text
+    exact = apply(pack, model, maps, 1.0)[0]
+    assert sorted(k for k in steered.object_patches) == sorted(k for k in exact.object_patches)
+    assert not steered.patches and not exact.patches
+    _chart, summary = pack.nodes.nodes_view.InspectMaps.execute(maps, model).args
+    assert f"in fold all (approximate) mode, diffusion model: {line}" in summary

@@ -28,10 +28,12 @@ assert kernels.available(), "Triton's interpreter is not active"
 g = torch.Generator().manual_seed(0)
 # Token launches take 1024 elements per program: [2, 7, 8] and [1, 1, 8] fit one program, [5, 300, 8]
 # takes 12 and [3, 77, 40] takes 10 with a column count that does not divide the block (the columns
-# of a program start mid-row). Conv launches take one program per (sample, channel) row and walk it in
-# blocks of at most 2048: 36 and 63 pixels leave most lanes masked, 2500 takes a second, partial block.
+# of a program start mid-row). Conv launches take one program per (sample, channel) row: rows of up to
+# ONE_BLOCK_PIXELS are one block (36, 63 and 2500 pixels leave lanes masked), longer ones are walked
+# in blocks of 2048 (16900 pixels: eight whole blocks and a partial one).
 SHAPES = {(8, "token"): ([2, 7, 8], [1, 1, 8], [5, 300, 8]), (40, "token"): ([3, 77, 40],),
-          (8, "conv"): ([2, 8, 6, 6], [1, 8, 50, 50], [8, 3, 5]), (40, "conv"): ([2, 40, 7, 9], [1, 40, 50, 50])}
+          (8, "conv"): ([2, 8, 6, 6], [1, 8, 50, 50], [8, 3, 5], [1, 8, 130, 130]),
+          (40, "conv"): ([2, 40, 7, 9], [1, 40, 50, 50])}
 rows = []
 for dim in (8, 40):
     source, target = torch.randn(30, dim, generator=g), torch.randn(30, dim, generator=g) * 1.5 + 0.5
@@ -54,7 +56,9 @@ for dim in (8, 40):
                             closed = (v < bounds[0]) | (v > bounds[1])
                         rows.append({"kind": kind, "form": layer.form, "support": support, "dtype": str(dtype),
                                      "shape": shape, "dim": dim, "strength": strength, "programs": programs,
-                                     "blocks_per_row": -(-pixels // 2048) if kind == "conv" else 1,
+                                     "blocks_per_row": (-(-pixels // 2048) if kind == "conv"
+                                                        and pixels > kernels.ONE_BLOCK_PIXELS else 1),
+                                     "pixels": pixels,
                                      "error": (reference.double() - fast.double()).abs().max().item(),
                                      "scale": reference.double().abs().max().item(),
                                      "closed": int(closed.sum()),
@@ -128,9 +132,15 @@ for capability in (80, 90):
             for pixel in (False, True):
                 conv = triton.compiler.ASTSource(
                     kernels._conv_kernel, dict(pointers, channels="i32", pixels="i32", GATED="constexpr",
-                                               PIXEL="constexpr", BLOCK="constexpr"),
-                    {"GATED": gated, "PIXEL": pixel, "BLOCK": 2048})
+                                               PIXEL="constexpr", BLOCK="constexpr", ONE_BLOCK="constexpr"),
+                    {"GATED": gated, "PIXEL": pixel, "BLOCK": 2048, "ONE_BLOCK": False})
                 compiled.append(("conv", pixel, triton.compile(conv, target=GPUTarget("cuda", capability, 32))))
+                whole = triton.compiler.ASTSource(
+                    kernels._conv_kernel, dict(pointers, channels="i32", pixels="i32", GATED="constexpr",
+                                               PIXEL="constexpr", BLOCK="constexpr", ONE_BLOCK="constexpr"),
+                    {"GATED": gated, "PIXEL": pixel, "BLOCK": kernels.ONE_BLOCK_PIXELS, "ONE_BLOCK": True})
+                compiled.append(("conv one block", pixel,
+                                 triton.compile(whole, target=GPUTarget("cuda", capability, 32), options={"num_warps": 16})))
             for kind, pixel, kernel in compiled:
                 done.append({"capability": capability, "dtype": dtype, "gated": gated, "kind": kind,
                              "pixel": pixel, "cubin_bytes": len(kernel.asm["cubin"])})
@@ -224,17 +234,21 @@ def comparison():
 
 
 def test_kernel_matches_the_reference_for_every_form_dtype_and_shape(comparison):
-    # (token: 3 + 1 shapes, conv: 3 forms x (3 + 2) shapes) x 2 supports x 3 dtypes x 4 strengths
-    assert len(comparison) == (4 + 3 * 5) * 2 * 3 * 4
+    # (token: 3 + 1 shapes, conv: 3 forms x (4 + 2) shapes) x 2 supports x 3 dtypes x 4 strengths
+    assert len(comparison) == (4 + 3 * 6) * 2 * 3 * 4
     for row in comparison:
         assert row["error"] <= 2 * ULP[row["dtype"]] * max(1.0, row["scale"]), row
         assert row["moved"], row  # each case really moves something, so the comparison means something
     # The shapes do what they are there for: token launches over several programs, with a column
-    # count that is not a power of two; conv rows walked in more than one block.
+    # count that is not a power of two; conv rows read once in one block of a size that is not a
+    # power of two, and rows walked in more than one block, for every form.
     token = [row for row in comparison if row["kind"] == "token"]
     assert any(row["programs"] > 1 and row["dim"] == 40 for row in token)
     assert any(row["programs"] > 1 and row["dim"] == 8 for row in token)
-    assert any(row["blocks_per_row"] > 1 and row["dim"] == 40 for row in comparison)
+    conv = [row for row in comparison if row["kind"] == "conv"]
+    for form in ("mean", "pixel"):
+        assert any(row["blocks_per_row"] > 1 for row in conv if row["form"] == form)
+        assert any(row["blocks_per_row"] == 1 and row["pixels"] == 2500 for row in conv if row["form"] == form)
 
 
 def test_kernel_leaves_what_the_reference_leaves_bit_for_bit(comparison):
@@ -261,7 +275,7 @@ def test_kernels_compile_for_cuda_targets():
                           timeout=600, cwd=PACK_DIR)
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 2 * 3 * 2 * 3 and all(row["cubin_bytes"] > 1000 for row in compiled)
+    assert len(compiled) == 2 * 3 * 2 * 5 and all(row["cubin_bytes"] > 1000 for row in compiled)
 
 
 def test_without_a_gpu_the_transport_function_is_the_reference():
@@ -377,3 +391,26 @@ def test_the_pytorch_path_is_layer_map_apply_bit_for_bit():
                             assert same, (kind, method, support, dtype, strength, view.is_contiguous())
                             cases += 1
     assert cases == 2 * 4 * 3 * 4 * 2 * 4
+
+
+def test_the_pytorch_path_of_a_map_without_shift_is_apply_within_one_rounding():
+    """What runs per step of a mean-form map whose shift is folded into the norm's bias: x + a m in
+    one multiply-add (a fused one where the CPU has it), apply's numbers within one rounding of the
+    dtype, NaN and infinities where apply has them, for every dtype and layout."""
+    g = torch.Generator().manual_seed(1)
+    source, target = torch.randn(50, 40, generator=g), torch.randn(50, 40, generator=g) * 1.4 + 0.3
+    fitted = fit_layer(source, target, "linear", "all", kind="conv")
+    for strength in (0.8, -0.6, 2.5):
+        _shift, layer = fitted.mean_shift_fold(strength)
+        assert not layer.shift.any() and layer.form == "mean"
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            x = (torch.randn(2, 40, 9, 7, generator=g) * 1.5 + 0.2).to(dtype)
+            x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+            for view in (x, x.contiguous(memory_format=torch.channels_last)):
+                expected, moved = layer.apply(view, 1.0), kernels.reference_transport(layer, 1.0)(view)
+                assert moved.dtype == dtype and torch.equal(moved.isnan(), expected.isnan())
+                finite = expected.isfinite()
+                assert torch.equal(moved[~finite & ~expected.isnan()], expected[~finite & ~expected.isnan()])
+                error = (moved[finite].double() - expected[finite].double()).abs()
+                ulp = torch.finfo(dtype).eps * expected[finite].double().abs().clamp_min(1.0)
+                assert (error <= ulp).all(), (strength, dtype, view.is_contiguous())

@@ -31,6 +31,14 @@ def gaussian_maps(pack, sd15):
 
 
 @pytest.fixture(scope="module")
+def linear_maps(pack, gaussian_maps):
+    """Linear-AcT's maps on the same layers (scale 0.8, shift 0.1; the conv maps of the mean form):
+    exact mode folds the GroupNorms' shifts into their biases and runs the mean's slope per step."""
+    return type(gaussian_maps)({n: type(l)(torch.full_like(l.scale, 0.8), torch.full_like(l.shift, 0.1), l.lo, l.hi,
+                                            l.kind, form="mean") for n, l in gaussian_maps.items()}, gaussian_maps.info)
+
+
+@pytest.fixture(scope="module")
 def strong_maps(gaussian_maps):
     """Ungated maps on the same layers that move every element a long way (scale 0.8, shift 0.1)."""
     return type(gaussian_maps)({n: type(l)(torch.full_like(l.scale, 0.8), torch.full_like(l.shift, 0.1), l.lo, l.hi,
@@ -148,8 +156,8 @@ def rms(t: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("stored", ["float32", "float16"])
-@pytest.mark.parametrize("mode", MODES)
-def test_partially_loaded_model_gives_the_unfolded_reference(pack, request, sd15, gaussian_maps, mode, stored):
+@pytest.mark.parametrize("mode, maps_name", [(mode, "gaussian_maps") for mode in MODES] + [("exact", "linear_maps")])
+def test_partially_loaded_model_gives_the_unfolded_reference(pack, request, sd15, mode, maps_name, stored):
     """Half the model loaded (ComfyUI's lowvram_model_memory): the layers left out have their weights
     cast and their weight patches applied on every call (LowVramPatch), the others are patched in place.
     Either way the output must be the reference's: the unpatched, fully loaded model with the maps
@@ -164,9 +172,10 @@ def test_partially_loaded_model_gives_the_unfolded_reference(pack, request, sd15
     weights and patches from the offload device to the card on each call is not run (bench/gpu-check
     runs the same comparison on a card)."""
     model = sd15[0] if stored == "float32" else request.getfixturevalue("sd15_fp16_stored")
+    gaussian_maps = request.getfixturevalue(maps_name)
     steered, _ = apply(pack, model, gaussian_maps, 0.8, None, mode)
-    if mode != "exact":
-        assert steered.patches  # this mode folds: the maps are weight patches
+    if mode != "exact" or maps_name == "linear_maps":
+        assert steered.patches  # this mode folds: the maps are weight patches (GroupNorm biases for linear)
     half = steered.model_size() // 2
     partial, partial_flag, cast_per_call, cast = _unet_output(steered, half)
     assert partial_flag and cast
