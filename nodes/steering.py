@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..act_core import LayerMap, TransportMaps, check_strength, kernels
-from ..act_core.modules import Hook, hooks_installed  # noqa: F401  (collection uses it from here too)
+from ..act_core.modules import Hook, hooks_installed
 from .folding import HookFold, LaterPatchCheck, fold_patches, folds_exactly, has_weight_and_bias, shift_patch
 from .model_layers import ActError, check_maps_fit, clip_modules, is_unet_layer, unet_modules
 
