@@ -14,6 +14,10 @@ tensors "conditioning/<field>" (float32, 1-D; anchors and moves flattened) and m
 "conditioning": JSON {"dim", "form", "log_prior", "anchors"}. Only maps holding one are written as
 version 3; everything else is written and read exactly as before.
 
+Version 4 adds the conditioning map's nearest gate: tensor "conditioning/targets" (every target token,
+flattened) and "gate": "nearest", "targets": M in its description. A conditioning map without them
+(every version 3 file) keeps the Gaussian gate and acts as it did.
+
 Version 2 added the conv form (version 1 files know only the mean form, and a conv layer without
 "form" means "mean"). A file is written with the lowest version that expresses it: maps holding no
 pixel-form layer stay version 1, readable by older releases; a pixel-form layer makes it version 2,
@@ -41,7 +45,7 @@ from .maps import CONV_FORMS, KINDS, LayerMap, TransportMaps
 __all__ = ["FORMAT", "FORMAT_VERSION", "MapsFileError", "save_maps", "load_maps", "maps_to_bytes", "maps_from_bytes"]
 
 FORMAT = "comfyui-act-maps"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 STRENGTH_SEMANTICS = ("0 = untouched; 1 = activations moved onto the target distribution; in between = "
                       "linear interpolation; > 1 extrapolates; < 0 applies the inverse map")
 FIELDS = ("scale", "shift", "lo", "hi")
@@ -69,7 +73,8 @@ def maps_to_bytes(maps: TransportMaps) -> bytes:
     conditioning = getattr(maps, "conditioning", None)
     metadata = {
         "format": FORMAT,
-        "format_version": "3" if conditioning is not None else "2" if pixel else "1",
+        "format_version": ("4" if getattr(conditioning, "targets", None) is not None else "3")
+        if conditioning is not None else "2" if pixel else "1",
         "layers": json.dumps(layers),
         "info": json.dumps(maps.info, sort_keys=True),
         "strength": STRENGTH_SEMANTICS,

@@ -118,13 +118,36 @@ def goals(points: list[dict], removal: dict[str, bool], follow: dict | None = No
     return out
 
 
-def merge(runs: list[dict]) -> list[dict]:
-    """Points of several runs, one per (task, split, family, label); the first run's come first."""
+def merge(runs: list[dict], relabel: tuple[str, str] | None = None) -> list[dict]:
+    """Points of several runs, one per (task, split, family, label); the first run's come first.
+
+    relabel (old, new): in the runs after the first, labels containing `old` read `new` instead (a run
+    made before a configuration of that name changed what it does). Where runs chose different settings
+    for one family and task (the pack's best, from other variants in each run), the one whose tuning
+    point did best is kept, as one run over all of them would have chosen; a specificity row follows
+    the choice made for its task."""
     seen, out = set(), []
-    for run in runs:
+    for i, run in enumerate(runs):
         for p in run["points"]:
+            if relabel and i > 0 and relabel[0] in p["label"] and relabel[1] not in p["label"]:
+                p = dict(p, label=p["label"].replace(relabel[0], relabel[1]))
             key = (p["task"], p["split"], p["family"], p["label"])
             if key not in seen:
                 seen.add(key)
                 out.append(p)
+    chosen: dict[tuple[str, str], str] = {}
+    for task, family in dict.fromkeys((p["task"], p["family"]) for p in out if p["split"] == "eval"):
+        evals = [p for p in out if p["task"] == task and p["family"] == family and p["split"] == "eval"]
+        if len(evals) < 2:
+            continue
+        tuned = [p for p in out if p["task"] == task and p["family"] == family and p["split"] == "tune"
+                 and any(e["label"] == p["label"] for e in evals)]
+        if tuned:
+            chosen[(task, family)] = choose(tuned)["label"]
+    for (task, family), label in list(chosen.items()):
+        out = [p for p in out if not (p["task"] == task and p["family"] == family and p["split"] == "eval"
+                                      and p["label"] != label)]
+        for spec in {p["task"] for p in out if p["label"].startswith(f"{task}'s ")}:
+            out = [p for p in out if not (p["task"] == spec and p["family"] == family
+                                          and p["label"].startswith(f"{task}'s ") and p["label"] != f"{task}'s {label}")]
     return out

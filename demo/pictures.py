@@ -80,7 +80,8 @@ def main(folder: str) -> None:
     print("\n".join(prompts))
 
 
-def side_by_side(folder: str, tasks=("remove_red", "negate_cross", "edit_red_blue"), n: int = 4) -> None:
+def side_by_side(folder: str, tasks=("remove_red", "negate_cross", "edit_red_blue", "edit_small_large"),
+                 n: int = 4) -> None:
     """One sheet per task: the prompt as drawn, a negative prompt, the conditioning delta, the pack's
     defaults and its 'the concept's words only' maps (each at strength or scale 1), same seeds."""
     folder = Path(folder)

@@ -142,7 +142,7 @@ def test_concept_words_maps_move_the_prompts_concept_tokens_only(lab, tmp_path):
     from act_core import load_maps, save_maps
 
     task = TASKS["remove_red"]
-    source, target = task.fit_prompts(32)
+    source, target = task.fit_prompts(64)  # the arena's fitting pairs
     maps = load_maps(save_maps(lab.fit(source, target, moves="the concept's words only"), tmp_path / "red.safetensors"))
     assert maps.conditioning is not None and len(maps) == 0
     _, clip = lab.steer(maps, 1.0)
@@ -163,7 +163,7 @@ def test_concept_words_on_identical_prompt_sets_is_refused(lab):
         lab.fit(source, list(source), moves="the concept's words only")
 
 
-# The arena's goals (bench/semantics; bench/results/semantics-arena-cpu.txt), checked on the arena's own
+# The arena's goals (bench/semantics; bench/results/semantics-arena-64-side-by-side.txt), checked on the arena's own
 # 32 reported prompts and seeds (one batch per point). Met goals are asserted; goals not met are strict
 # xfails with the measured figure, so that a fix turns them red until the bar is raised here.
 
@@ -202,16 +202,31 @@ def test_concept_words_remove_red_better_than_a_negative_prompt_or_the_delta(lab
         assert left <= b_left and kept >= b_kept - 0.03, (name, (left, kept), (b_left, b_kept))
 
 
-@pytest.mark.xfail(strict=True, reason="goal <= 10% red left with the shapes kept >= 80%: 'the concept's words "
-                                      "only' at strength 1 leaves 12.5% (4 of 32) with 87.5% kept")
 def test_concept_words_remove_red_to_the_goal(red):
+    """Goal: <= 10% red left with the shapes kept >= 80% (the nearest gate; the Gaussian gate of version 3
+    maps files left 12.5% of these 32)."""
     assert red["left"] <= 0.10 and red["kept"] >= 0.80, (red["left"], red["kept"])
 
 
-def _specificity(lab, maps_or_none, strength=1.0):
-    """Share of 32 held-out prompts without red drawn as the untouched model draws them."""
+@pytest.mark.xfail(strict=True, reason="goal: the default configuration at strength 1 at least as good as the best "
+                                      "baseline on >= 80% of the arena's tasks; it is on 4 of 10 at 64 prompts "
+                                      "(bench/results/semantics-arena-64-side-by-side.txt); on these 32 prompts it "
+                                      "leaves 100% red with 69% of the shapes kept, the conditioning delta 44% / 9%")
+def test_default_maps_remove_red_as_well_as_the_best_baseline(lab, red):
+    """One of the tasks the default loses: at strength 1 it should leave at most as much red as the
+    arena's best baseline there (the conditioning delta at scale 2) with the shapes kept within 3 points."""
+    task, scenes, untouched = red["task"], red["scenes"], red["untouched"]
+    model, clip = lab.steer(lab.fit(red["source"], red["target"]), 1.0)
+    left, kept, _ = _measure(lab, task, scenes, untouched, model=model, clip=clip)
+    b_left, b_kept, _ = _measure(lab, task, scenes, untouched,
+                                 conditioning=lab.conditioning_delta(red["source"], red["target"], 2.0))
+    assert left <= b_left and kept >= b_kept - 0.03, ((left, kept), (b_left, b_kept))
+
+
+def _specificity(lab, maps_or_none, strength=1.0, name="spec_red"):
+    """Share of 32 held-out prompts without the concept drawn as the untouched model draws them."""
     from demo.tasks import SPECIFICITY
-    spec = SPECIFICITY["spec_red"]
+    spec = SPECIFICITY[name]
     prompts = spec.prompts(spec.eval_scenes(N))
     untouched = lab.score(lab.generate(prompts, batch=True))
     model, clip = lab.steer(maps_or_none, strength)
@@ -230,25 +245,40 @@ def test_default_maps_leave_prompts_without_red_as_drawn(lab, red):
     assert _specificity(lab, lab.fit(red["source"], red["target"])) >= 0.9
 
 
-def _concept_words_at_1(lab, task_name: str) -> tuple:
+def _concept_words_at_1(lab, task_name: str, maps: list | None = None) -> tuple:
     """(presence, kept) of a task's held-out prompts, steered at strength 1 by 'the concept's words
-    only' maps fitted on its 64 fitting pairs."""
+    only' maps fitted on its 64 fitting pairs (appended to `maps` when given)."""
     task = TASKS[task_name]
     source, target = task.fit_prompts(64)
     scenes = task.eval_scenes(N)
-    model, clip = lab.steer(lab.fit(source, target, moves="the concept's words only"), 1.0)
+    fitted = lab.fit(source, target, moves="the concept's words only")
+    if maps is not None:
+        maps.append(fitted)
+    model, clip = lab.steer(fitted, 1.0)
     return task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip, batch=True)), scenes)
 
 
 @pytest.mark.xfail(strict=True, reason="goal >= 80% edited with the rest kept >= 80%: 'the concept's words only' "
-                                      "at strength 1 turns the red object blue in 87.5% of 32 pictures but keeps "
-                                      "the rest in 68.8% (negative prompt 0% / 66%, conditioning delta 3% / 34%)")
+                                      "at strength 1 turns the red object blue in 97% of 32 pictures with the rest kept "
+                                      "in 72% "
+                                      "(at 64 prompts: 95% / 78%; the Gaussian gate 88% / 69%); an orange object "
+                                      "after the red one turns blue too")
 def test_concept_words_edit_one_objects_colour_to_the_goal(lab):
     edited, kept = _concept_words_at_1(lab, "edit_red_blue")
     assert edited >= 0.8 and kept >= 0.8, (edited, kept)
 
 
-def test_concept_words_remove_crosses_to_the_goal(lab):
-    """Goal: <= 10% crosses left at strength <= 1.5 with the colours kept >= 90%."""
-    left, kept = _concept_words_at_1(lab, "remove_cross")
+def test_concept_words_edit_one_objects_size_to_the_goal(lab):
+    """Goal: >= 80% of the pictures with the one small object drawn large, the rest kept >= 80%."""
+    edited, kept = _concept_words_at_1(lab, "edit_small_large")
+    assert edited >= 0.8 and kept >= 0.8, (edited, kept)
+
+
+def test_concept_words_remove_crosses_to_the_goal_and_leave_prompts_without_crosses_as_drawn(lab):
+    """Goals: <= 10% crosses left at strength <= 1.5 with the colours kept >= 90%; on prompts that never
+    had a cross, >= 90% of the pictures keep what the untouched model drew."""
+    maps = []
+    left, kept = _concept_words_at_1(lab, "remove_cross", maps)
     assert left <= 0.10 and kept >= 0.90, (left, kept)
+    spec = _specificity(lab, maps[0], name="spec_cross")
+    assert spec >= 0.9, f"{spec:.0%} of the pictures without a cross kept"
