@@ -202,7 +202,7 @@ def _sampling(model, clip, text: str, col: int, save_prefix: str, save_col: int 
     }
 
 
-def _learn(prompts_node: dict) -> dict:
+def _learn(prompts_node: dict, fit_widgets: dict | None = None) -> dict:
     """Checkpoint and prompt builder in column 0, collection and fitting in column 1."""
     return {
         "ckpt": {"type": "CheckpointLoaderSimple", "col": 0, "row": 0, "widgets": {"ckpt_name": DEMO_CHECKPOINT}},
@@ -210,7 +210,8 @@ def _learn(prompts_node: dict) -> dict:
         "collect": {"type": "ACTCollectActivations", "col": 1, "row": 0, "widgets": dict(COLLECT),
                     "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "source_prompts": ["prompts", 0],
                               "target_prompts": ["prompts", 1]}},
-        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "links": {"activations": ["collect", 0]}},
+        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "widgets": dict(fit_widgets or {}),
+                "links": {"activations": ["collect", 0]}},
     }
 
 
@@ -289,14 +290,19 @@ SPECS = {
                    "another style or your own tags." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
     "ACT 2 - remove a concept (no pink elephant)": {
+        # An object to remove: the concept's words only (on the shapes model it removed a colour or a
+        # shape and kept the rest where every token alike could not; README, "Does it work?").
         "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "a pink elephant", "direction": "remove",
-                                                                  "count": PROMPT_COUNT}})
+                                                                  "count": PROMPT_COUNT}},
+                        {"moves": "the concept's words only"})
         | _apply(1.0)
         | {"savemaps": {"type": "ACTSaveTransportMaps", "col": 2, "row": 1,
                         "widgets": {"name": "no_pink_elephant", "overwrite": True}, "links": {"maps": ["fit", 0]}}}
         | _sampling(["apply", 0], ["apply", 1], "a house on a hill, and a pink elephant", 3, "act_no_elephant"),
         "notes": [("Remove a concept, even when the prompt asks for it: the maps learn captions with it vs. "
-                   "without it. Raise 'strength' above 1 if traces remain. Save Transport Maps keeps the maps "
+                   "without it. Fit's 'moves' is 'the concept's words only', made for an object or a colour: "
+                   "only the prompt's words that look like the concept move; for a style keep 'every token "
+                   "alike'. Raise 'strength' above 1 if traces remain. Save Transport Maps keeps the maps "
                    "in models/act for Load Transport Maps." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
     "ACT 3 - add objects (more trees)": {
