@@ -2,9 +2,13 @@
 checked on operations whose traffic is known by hand, on the meta device as the benchmark runs."""
 from __future__ import annotations
 
+import functools
+import json
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from act_core import fit_layer, kernels
@@ -115,3 +119,30 @@ def test_exact_mode_adds_two_kernels_per_group_norm_and_none_per_folded_layer(pa
             assert call(steered).kernels - base.kernels == 2 * group_norms, strength
     finally:
         kernels.ENABLED = saved
+
+
+@functools.lru_cache(maxsize=1)
+def full_size_sdxl_costs() -> dict:
+    """bench/cost on the full-size SDXL UNet (meta device, 1024x1024): its JSON goals (run once)."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "cost"),
+                           "--models", "sdxl"], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["goals"]
+
+
+def test_full_size_sdxl_exact_step_adds_at_most_3_percent_bytes_with_triton():
+    """The per-step goal on a full-size SDXL at 1024x1024 (fp16, cfg batch 2): exact mode with the Triton
+    kernel adds at most one kernel per layer run per step and <= 3% of the step's bytes (counted)."""
+    verdicts = full_size_sdxl_costs()
+    assert verdicts["sdxl exact/triton kernels"].startswith("met"), verdicts["sdxl exact/triton kernels"]
+    assert verdicts["sdxl exact/triton bytes"].startswith("met"), verdicts["sdxl exact/triton bytes"]
+    assert verdicts["sdxl fused/pytorch kernels"].startswith("met"), verdicts["sdxl fused/pytorch kernels"]
+
+
+@pytest.mark.xfail(strict=True, reason="goal <= 3% extra bytes per step on full SDXL without Triton: measured "
+                                       "+3.993% (a mean and a multiply-add each read the GroupNorm's output; a "
+                                       "GroupNorm that moves the mean in its own passes would add nothing)")
+def test_full_size_sdxl_exact_step_adds_at_most_3_percent_bytes_without_triton():
+    verdicts = full_size_sdxl_costs()
+    assert verdicts["sdxl exact/pytorch kernels"].startswith("met"), verdicts["sdxl exact/pytorch kernels"]
+    assert verdicts["sdxl exact/pytorch bytes"].startswith("met"), verdicts["sdxl exact/pytorch bytes"]
