@@ -61,8 +61,17 @@ class SaveTransportMaps(io.ComfyNode):
             raise ValueError(f"{os.path.basename(path)} already exists in models/act; choose another name or "
                              "turn on 'overwrite' on Save Transport Maps")
         save_maps(maps, path)
-        shown = f"Saved {len(maps)} layers to {path}\nPick {os.path.basename(path)} in Load Transport Maps."
+        shown = f"Saved {holds(maps)} to {path}\nPick {os.path.basename(path)} in Load Transport Maps."
         return io.NodeOutput(path, ui=ui.PreviewText(shown))
+
+
+def holds(maps) -> str:
+    """What a maps object holds, in the words the save and load summaries use: per-layer maps and/or the
+    map of the concept's words (which has no layers: "0 layers" would read as an empty file)."""
+    parts = [f"{len(maps)} layers"] if len(maps) or maps.conditioning is None else []
+    if maps.conditioning is not None:
+        parts.append("the map of the concept's words")
+    return " and ".join(parts)
 
 
 class LoadTransportMaps(io.ComfyNode):
@@ -88,7 +97,7 @@ class LoadTransportMaps(io.ComfyNode):
         except MapsFileError as error:
             raise ValueError(f"Load Transport Maps: {error}") from None
         info = maps.info
-        summary = (f"{len(maps)} layers for {info.get('family', 'an unknown model')}, {info.get('method')} / "
+        summary = (f"{holds(maps)} for {info.get('family', 'an unknown model')}, {info.get('method')} / "
                    f"{info.get('support')} / {info.get('estimation')}, from {info.get('source_prompts')} + "
                    f"{info.get('target_prompts')} prompts")
         return io.NodeOutput(maps, summary)

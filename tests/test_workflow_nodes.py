@@ -104,3 +104,21 @@ def test_save_never_overwrites_silently_and_load_lists_the_file(pack, sd15, tmp_
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(ValueError, match="Load Transport Maps: .*broken.safetensors"):
         files.LoadTransportMaps.execute("broken.safetensors")
+
+
+def test_save_and_load_summaries_name_a_concept_words_map_not_zero_layers(pack, tmp_path, monkeypatch):
+    """Maps of 'the concept's words only' hold no per-layer map: the summaries say what they hold."""
+    from act_core import TransportMaps
+    from act_core.token_transport import fit_gated_tokens
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(8, 6, 4, generator=g)
+    source = target.clone()
+    source[:, 3:] += 2.0  # the concept's words and the tokens after them
+    maps = TransportMaps({}, {"family": "SD1.x", "method": "concept words"},
+                         conditioning=fit_gated_tokens(source, target, "nearest"))
+    files = pack.nodes.nodes_files
+    assert files.holds(maps) == "the map of the concept's words"
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "act", ([str(tmp_path)], {".safetensors"}))
+    files.SaveTransportMaps.execute(maps, "words", False)
+    _, summary = files.LoadTransportMaps.execute("words.safetensors").args
+    assert summary.startswith("the map of the concept's words for SD1.x"), summary
