@@ -80,6 +80,12 @@ if triton is not None:
         tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _gate_on_mean(a, b, mean, lo_ptr, hi_ptr, channel):
+        """A conv map acts on a channel only while the channel's mean lies in its support range."""
+        open_gate = ((mean >= tl.load(lo_ptr + channel)) & (mean <= tl.load(hi_ptr + channel))).to(tl.float32)
+        return a * open_gate, b * open_gate
+
+    @triton.jit
     def _conv_kernel(x_ptr, out_ptr, a_ptr, b_ptr, lo_ptr, hi_ptr, channels, pixels,
                      GATED: tl.constexpr, PIXEL: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
         # One program per (sample, channel) row of `pixels` contiguous elements. ONE_BLOCK: the row
@@ -98,11 +104,7 @@ if triton is not None:
             if GATED or not PIXEL:
                 mean = tl.sum(x, axis=0) / pixels
                 if GATED:
-                    lo = tl.load(lo_ptr + channel)
-                    hi = tl.load(hi_ptr + channel)
-                    open_gate = ((mean >= lo) & (mean <= hi)).to(tl.float32)
-                    a = a * open_gate
-                    b = b * open_gate
+                    a, b = _gate_on_mean(a, b, mean, lo_ptr, hi_ptr, channel)
             if PIXEL:
                 y = x + (a * x + b)
             else:
@@ -117,11 +119,7 @@ if triton is not None:
                 start += BLOCK
             mean = tl.sum(total, axis=0) / pixels
             if GATED:
-                lo = tl.load(lo_ptr + channel)
-                hi = tl.load(hi_ptr + channel)
-                open_gate = ((mean >= lo) & (mean <= hi)).to(tl.float32)
-                a = a * open_gate
-                b = b * open_gate
+                a, b = _gate_on_mean(a, b, mean, lo_ptr, hi_ptr, channel)
             if not PIXEL:
                 delta = a * mean + b
         if not ONE_BLOCK:
