@@ -18,6 +18,12 @@ Version 4 adds the conditioning map's nearest gate: tensor "conditioning/targets
 flattened) and "gate": "nearest", "targets": M in its description. A conditioning map without them
 (every version 3 file) keeps the Gaussian gate and acts as it did.
 
+Version 5 holds the concept's words (act_core/concept_words.py) instead: "conditioning" JSON
+{"kind": "concept words", "dim", "anchors", "targets"}, tensors "conditioning/anchors" and
+"conditioning/targets" (float16, [count, dim]), "conditioning/extents" and "conditioning/replacements"
+(int32) and "conditioning/words" and "conditioning/context" (int32, token ids). Files of versions 3 and 4
+keep their gated token map and act as they did.
+
 Version 2 added the conv form (version 1 files know only the mean form, and a conv layer without
 "form" means "mean"). A file is written with the lowest version that expresses it: maps holding no
 pixel-form layer stay version 1, readable by older releases; a pixel-form layer makes it version 2,
@@ -31,6 +37,7 @@ that names the file and the problem.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import struct
@@ -45,7 +52,7 @@ from .maps import CONV_FORMS, KINDS, LayerMap, TransportMaps
 __all__ = ["FORMAT", "FORMAT_VERSION", "MapsFileError", "save_maps", "load_maps", "maps_to_bytes", "maps_from_bytes"]
 
 FORMAT = "comfyui-act-maps"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 STRENGTH_SEMANTICS = ("0 = untouched; 1 = activations moved onto the target distribution; in between = "
                       "linear interpolation; > 1 extrapolates; < 0 applies the inverse map")
 FIELDS = ("scale", "shift", "lo", "hi")
@@ -56,6 +63,12 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 class MapsFileError(ValueError):
     """A maps file that cannot be used; the message names the file and what is wrong."""
+
+
+def _conditioning_version(conditioning) -> str:
+    if conditioning.spec().get("kind") == "concept words":
+        return "5"
+    return "4" if getattr(conditioning, "targets", None) is not None else "3"
 
 
 def maps_to_bytes(maps: TransportMaps) -> bytes:
@@ -73,8 +86,7 @@ def maps_to_bytes(maps: TransportMaps) -> bytes:
     conditioning = getattr(maps, "conditioning", None)
     metadata = {
         "format": FORMAT,
-        "format_version": ("4" if getattr(conditioning, "targets", None) is not None else "3")
-        if conditioning is not None else "2" if pixel else "1",
+        "format_version": _conditioning_version(conditioning) if conditioning is not None else "2" if pixel else "1",
         "layers": json.dumps(layers),
         "info": json.dumps(maps.info, sort_keys=True),
         "strength": STRENGTH_SEMANTICS,
@@ -149,16 +161,19 @@ def _check_tensor_entries(header: dict, payload: int, source: str) -> None:
         if not isinstance(entry, dict):
             raise _fail(source, f"tensor {key!r} has a malformed entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype != "F32":
+        # The concept's words (version 5) keep float16 token activations and int32 ids, [rows, width].
+        words = key.startswith(CONDITIONING + "/")
+        if dtype != "F32" and not (words and dtype in ("F16", "I32")):
             raise _fail(source, f"tensor {key!r} is {dtype}, expected F32")
-        if (not isinstance(shape, list) or len(shape) != 1 or not isinstance(shape[0], int)
-                or isinstance(shape[0], bool) or shape[0] < 0):
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= (2 if words else 1)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
             raise _fail(source, f"tensor {key!r} has shape {shape!r}, expected [neurons]")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise _fail(source, f"tensor {key!r} has malformed data offsets")
         begin, end = offsets
-        if not 0 <= begin <= end <= payload or end - begin != 4 * shape[0]:
+        size = (2 if dtype == "F16" else 4) * math.prod(shape)
+        if not 0 <= begin <= end <= payload or end - begin != size:
             raise _fail(source, f"tensor {key!r} points outside the file or has the wrong size (truncated?)")
 
 
@@ -228,11 +243,12 @@ def maps_from_bytes(data: bytes, source: str = "<bytes>") -> TransportMaps:
                                 degenerate=degenerate if isinstance(degenerate, int) else 0, form=form)
     conditioning = None
     if conditioning_keys or "conditioning" in metadata:
+        from .concept_words import ConceptWords
         from .token_transport import GatedTokenMap
+        spec = _json_field(metadata, "conditioning", source)
+        kind = ConceptWords if isinstance(spec, dict) and spec.get("kind") == "concept words" else GatedTokenMap
         try:
-            conditioning = GatedTokenMap.from_tensors(
-                _json_field(metadata, "conditioning", source),
-                {k.split("/", 1)[1]: tensors[k] for k in conditioning_keys})
+            conditioning = kind.from_tensors(spec, {k.split("/", 1)[1]: tensors[k] for k in conditioning_keys})
         except ValueError as error:
             raise _fail(source, f"its conditioning map is unusable ({error})") from None
     return TransportMaps(layers, info, conditioning=conditioning)

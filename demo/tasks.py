@@ -44,6 +44,7 @@ class Task:
     prepare: Callable[[dict, np.random.Generator], dict] | None = None  # adds what the prompts need
     reference: Callable[[dict], dict] | None = None  # untouched picture -> what `kept` is checked against
     kept_against: str = "prompt"              # the headline kept: "prompt" or "untouched" (the strength-0 picture)
+    fit_pairs: str = ""                       # how the fit pairs are built when not from source/target alone
 
     def _draw(self, rng: np.random.Generator) -> dict | None:
         scene = shapes.random_scene(rng)
@@ -62,6 +63,10 @@ class Task:
 
     def fit_prompts(self, n: int, seed: int = FIT_SEED) -> tuple[list[str], list[str]]:
         scenes = self._scenes(n, seed)
+        if self.fit_pairs == "concept prompts":  # the pack's own prompt builder, as a user would wire it
+            source, target = _prompt_builders().concept_prompts(
+                "a large red square", "remove", count=n, seed=0, captions="\n".join(_plain(s) for s in scenes))
+            return list(source), list(target)
         source = self.fit_source or self.source
         return [source(s) for s in scenes], [self.target(s, i) for i, s in enumerate(scenes)]
 
@@ -120,6 +125,18 @@ class Task:
                 else [bool(self.kept(f, s)) for f, s in zip(found, scenes)])
         done = [bool(self.present(f, s)) != self.removal for f, s in zip(found, scenes)]
         return float(np.mean([d and k for d, k in zip(done, kept)]))
+
+
+def _prompt_builders():
+    """The pack's prompt builders (nodes/prompts.py, plain Python), loaded by path: this folder is also
+    run outside ComfyUI, where 'nodes' would be ComfyUI's own module."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "nodes" / "prompts.py"
+    spec = importlib.util.spec_from_file_location("comfyui_act_prompt_builders", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _plain(scene: dict) -> str:
@@ -199,6 +216,47 @@ def _negated(kind: str) -> dict:
         prepare=prepare)
 
 
+def _dropped(pairs: str) -> dict:
+    """Removal with the pairs users write, which add or drop words: the fit's source names a red object
+    wherever the pair puts it and its target leaves it out. pairs: "drop" (a red object of 2-3 dropped from
+    its caption), "append" (the paper's "captions and the concept -> the captions", the concept first, in
+    the middle or last in turn) or "concept prompts" (the pack's Concept Prompts "remove" over shapes
+    captions, concept "a large red square"). Evaluated on prompts that name a red object first, in the
+    middle or last in turn; kept against the strength-0 picture's other objects."""
+    def is_red(o: dict) -> bool:
+        return o["colour"] == "red"
+
+    def red(rng: np.random.Generator) -> dict:
+        if pairs == "concept prompts":
+            return {"size": "large", "colour": "red", "shape": "square"}
+        return {"size": ("small", "large")[int(rng.integers(2))], "colour": "red",
+                "shape": shapes.SHAPES[int(rng.integers(len(shapes.SHAPES)))]}
+
+    def prepare(scene: dict, rng: np.random.Generator) -> dict:
+        at = int(rng.integers(len(scene["objects"]) + 1))
+        return dict(scene, concept=red(rng), at=at)
+
+    def named(scene: dict) -> list[dict]:
+        objs = list(scene["objects"])
+        objs.insert(scene["at"], dict(scene["concept"], cx=0.0, cy=0.0))
+        return objs
+
+    def fit_source(scene: dict) -> str:
+        if pairs == "append last":
+            return shapes.caption(scene["objects"] + [scene["concept"]], "plain", say_plain=False)
+        return shapes.caption(named(scene), "plain", say_plain=False)
+
+    return dict(
+        scene_filter=lambda s: len(s["objects"]) <= 2 and not any(map(is_red, s["objects"])),
+        source=lambda s: shapes.caption(named(s), "plain", say_plain=False),
+        fit_source=None if pairs == "concept prompts" else fit_source,
+        target=lambda s, i: _plain(s),
+        present=lambda f, s: any(map(is_red, f["objects"])),
+        kept=_objects_kept, removal=True, concept="red", kept_against="untouched",
+        reference=lambda u: dict(u, objects=[o for o in u["objects"] if not is_red(o)]),
+        prepare=prepare, fit_pairs=pairs)
+
+
 def _edit(key: str, old: str, new: str, others_may_be_new: bool = False) -> dict:
     """Change one object's attribute (the one object whose `key` is `old`) to `new`, keep the rest.
     others_may_be_new: the other objects may already have `new` (sizes: there are only two)."""
@@ -257,6 +315,12 @@ TASKS = {
     "negate_red": Task(
         "negate_red", "paper's protocol for an attribute: '... without a red square' draws nothing red",
         **_negated("red")),
+    "drop_red": Task("drop_red", "remove a red object named anywhere; fit pairs drop it from 2-3 objects",
+                     **_dropped("drop")),
+    "append_red": Task("append_red", "remove a red object named anywhere; fit on the paper's 'captions and the "
+                       "concept -> the captions', the concept last", **_dropped("append last")),
+    "concept_prompts_red": Task("concept_prompts_red", "remove 'a large red square' named anywhere; fit on Concept "
+                                "Prompts 'remove' over shapes captions", **_dropped("concept prompts")),
     "edit_red_blue": Task(
         "edit_red_blue", "the one red object turns blue, the others kept", **_edit("colour", "red", "blue")),
     "edit_small_large": Task(

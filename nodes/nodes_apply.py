@@ -6,7 +6,11 @@ import math
 
 from comfy_api.latest import io
 
-from .steering import (BRANCHES, FOLD_ALL, LEGACY_MODES, MODES, Placement, check_mode, steer_clip_placed,
+import torch
+
+from ..act_core.concept_words import ConceptWords
+from .concept_words import Remembered, give_back
+from .steering import (_Window, BRANCHES, FOLD_ALL, LEGACY_MODES, MODES, Placement, check_mode, steer_clip_placed,
                        steer_model_placed)
 from .types import CATEGORY, Maps
 
@@ -85,7 +89,15 @@ class ApplyTransportMaps(io.ComfyNode):
                 "Apply Transport Maps: the maps hold %d text-encoder layers but no CLIP is connected; only the "
                 "diffusion model is steered. Connect the CLIP and use the CLIP output for the prompts.", text_layers)
         steered_model, unet = steer_model_placed(model, maps, strength, start_percent, end_percent, branch, mode)
-        steered_clip, text = steer_clip_placed(clip, maps, strength, mode) if clip is not None else (None, Placement())
+        # The concept's words move the prompt as the CLIP encodes it, where neither the branch nor the step
+        # is known: the diffusion model gives the rows it must not steer their untouched conditioning back.
+        remembered = None
+        if isinstance(maps.conditioning, ConceptWords) and clip is not None and strength != 0.0 \
+                and (branch != BRANCHES[0] or start_percent > 0.0 or end_percent < 1.0):
+            remembered = Remembered()
+            give_back(steered_model, remembered, _steered_rows(model, start_percent, end_percent, branch))
+        steered_clip, text = steer_clip_placed(clip, maps, strength, mode, remembered=remembered) \
+            if clip is not None else (None, Placement())
         unfoldable = unet.no_weights + text.no_weights
         if check_mode(mode) == FOLD_ALL and unfoldable:
             log.warning("Apply Transport Maps: fold all cannot fold %d layers (e.g. %s): they have no weight and bias "
@@ -93,6 +105,26 @@ class ApplyTransportMaps(io.ComfyNode):
                         "as in exact mode, at exact mode's cost.", len(unfoldable), unfoldable[0])
         log.info("Apply Transport Maps: %s", summary(unet, text))
         return io.NodeOutput(steered_model, steered_clip)
+
+
+def _steered_rows(model, start_percent: float, end_percent: float, branch: str):
+    """(args, kwargs) of a diffusion-model call -> the batch rows it steers (None: all of them)."""
+    window = _Window(model.model, start_percent, end_percent)
+    whole = start_percent == 0.0 and end_percent == 1.0
+
+    def rows(args: tuple, kwargs: dict):
+        options = kwargs.get("transformer_options") or {}
+        x = args[0] if args else kwargs.get("x")
+        sigmas = options.get("sigmas")
+        if not whole and sigmas is not None and not window.contains(float(sigmas.flatten()[0])):
+            return torch.zeros(0, dtype=torch.long)
+        if branch == BRANCHES[0]:
+            return None
+        chunks = list(options.get("cond_or_uncond") or [0])
+        size = x.shape[0] // len(chunks)
+        return torch.tensor([c * size + i for c, kind in enumerate(chunks) if kind == 0 for i in range(size)],
+                            dtype=torch.long)
+    return rows
 
 
 def summary(unet: Placement, text: Placement) -> str:

@@ -8,7 +8,7 @@ from tqdm import tqdm
 import torch
 
 from ..act_core import METHODS, SUPPORTS, TransportMaps, default_support
-from ..act_core.token_transport import fit_gated_tokens
+from .concept_words import describe, fit_from_collector
 from .collection import SCHEDULES, CollectSettings, Collector, fit_maps, parse_prompts
 from .model_layers import WHERE, ActError
 from .types import CATEGORY, Activations, Maps
@@ -23,22 +23,9 @@ METHOD_DEFAULT = "method default"
 
 
 def fit_concept_words(activations) -> TransportMaps:
-    """The gated token map of the final conditioning, from the untouched CLIP's encodings of the
-    collected prompt pairs (source line i with target line i)."""
-    collector = activations.collector
-    n = collector.n_source
-    if n != len(collector.prompts) - n:
-        raise ActError(f"'the concept's words only' pairs source and target prompts line by line, but there are "
-                       f"{n} source and {len(collector.prompts) - n} target prompts: give both the same count "
-                       "on Collect Activations")
-    with torch.inference_mode():
-        conds = [collector.clip.encode_from_tokens(t).float().cpu() for t in collector.tokens]
-    tokens = min(c.shape[1] for c in conds)
-    stacked = torch.cat([c[:, :tokens] for c in conds])
-    try:
-        conditioning = fit_gated_tokens(stacked[:n], stacked[n:], "nearest")
-    except ValueError as error:
-        raise ActError(f"{error}; fix the prompts on Collect Activations") from None
+    """The concept's words (act_core/concept_words.py), from the untouched CLIP's tokens and encodings of
+    the collected prompt pairs (source line i with target line i)."""
+    conditioning = fit_from_collector(activations.collector)
     info = dict(activations.info, method="concept words", support="gated", estimation="at once",
                 moves=MOVES[1])
     return TransportMaps({}, info, conditioning=conditioning)
@@ -167,8 +154,7 @@ class FitTransportMaps(io.ComfyNode):
     def execute(cls, activations, method, support, estimation, moves=MOVES[0]) -> io.NodeOutput:
         if moves == MOVES[1]:
             maps = fit_concept_words(activations)
-            return io.NodeOutput(maps, f"conditioning map: {maps.conditioning.dim} wide, "
-                                       f"{maps.conditioning.anchors.shape[0]} concept tokens learned")
+            return io.NodeOutput(maps, describe(maps.conditioning, activations.collector.clip))
         if moves != MOVES[0]:
             raise ActError(f"moves must be one of {MOVES}, got {moves!r} (fix 'moves' on Fit Transport Maps)")
         if support == METHOD_DEFAULT:

@@ -40,6 +40,9 @@ import torch
 
 from ..act_core import LayerMap, TransportMaps, check_strength, kernels
 from ..act_core.modules import Hook, hooks_installed
+from ..act_core.concept_words import ConceptWords
+from .concept_words import steer_words
+from .patching import original_or_patched
 from .folding import HookFold, LaterPatchCheck, fold_patches, folds_exactly, has_weight_and_bias, shift_patch
 from .model_layers import ActError, check_maps_fit, clip_modules, is_unet_layer, unet_modules
 
@@ -89,15 +92,6 @@ class Placement:
         if self.no_weights:
             notes.append(f"{len(self.no_weights)} of them with no weight and bias to fold into")
         return line + (f" ({'; '.join(notes)})" if notes else "")
-
-
-def original_or_patched(patcher, key: str, owner: torch.nn.Module, attribute: str):
-    """The callable an object patch on `key` must wrap: an earlier object patch on this clone, else the
-    class's own method (never the instance attribute, which another loaded clone may have patched)."""
-    earlier = patcher.object_patches.get(key)
-    if earlier is not None:
-        return earlier
-    return getattr(type(owner), attribute).__get__(owner)
 
 
 def _map_hook(layer_map, strength: float) -> Hook:
@@ -284,14 +278,19 @@ def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = EXACT, fo
     return steer_clip_placed(clip, maps, strength, mode, fold)[0]
 
 
-def steer_clip_placed(clip, maps: TransportMaps, strength: float, mode: str = EXACT, fold: bool = True) -> tuple:
+def steer_clip_placed(clip, maps: TransportMaps, strength: float, mode: str = EXACT, fold: bool = True,
+                      remembered=None) -> tuple:
+    """remembered: where the concept's words keep what they moved, for the diffusion model to give back
+    (nodes/concept_words.py), when the branch or the window is partial."""
     strength = check_strength(strength)
     mode = check_mode(mode)
     layers = {n: m for n, m in maps.items() if not is_unet_layer(n)}
     check_maps_fit(TransportMaps(layers, {}), clip=clip)
     patched = clip.clone()
     conditioning = getattr(maps, "conditioning", None)
-    if strength != 0.0 and conditioning is not None:
+    if strength != 0.0 and isinstance(conditioning, ConceptWords):
+        steer_words(patched, clip, conditioning, strength, remembered)
+    elif strength != 0.0 and conditioning is not None:  # a gated token map of a version 3 or 4 file
         _steer_conditioning(patched, clip, conditioning, strength)
     if strength == 0.0 or not layers:
         return patched, Placement()
