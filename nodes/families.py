@@ -120,6 +120,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("SD3", ("SD3",), (CLIP_L, CLIP_G, T5XXL), 1024, _pooled_only, batched_text=False),
     Family("FLUX.1", ("Flux",), (CLIP_L, T5XXL), 1024, _flux_extras,
            excluded=("Flux2", "FluxInpaint"), variants=("FluxSchnell",), batched_text=False),
+    # FLUX.1's blocks without its vector input (Chroma's modulations come from its own small network
+    # of the noise level alone: the pooled output is None, as CLIPTextEncode hands it) and T5 alone,
+    # unpadded: one token stream, encoded in batches of prompts of one length.
+    # Chroma Radiance draws in pixel space (no VAE latent) with another output head.
+    Family("Chroma", ("Chroma",), (T5XXL,), 1024, _pooled_only, excluded=("ChromaRadiance",)),
 )
 
 SUPPORTED_FAMILIES = tuple(f.name for f in FAMILIES)

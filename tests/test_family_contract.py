@@ -1,0 +1,207 @@
+"""The contract every family added after FLUX.1 passes, one table row per family: Collect and Apply
+recognise it, the default layers are its normalisation outputs, maps steer it (strength 0 bit-identical,
+a monotonic dial, exact and fold all alike where nothing folds), its text encoder's maps move the
+conditioning, prompts are collected at their own token length, maps save and load, maps of another
+family are refused, and an interrupted collection leaves nothing behind. Tiny random-weight models
+come from the host's own detection and classes (tests/make_models.py) with the host's own tokenizers."""
+from __future__ import annotations
+
+import os
+import random
+import re
+
+import pytest
+import torch
+
+import comfy.model_management
+import nodes as comfy_nodes
+from conftest import sample as conftest_sample
+from make_models import tiny_model
+from test_learn import all_hooks, collect, fit
+
+BOTH = "conditional and unconditional"
+THINGS = ["a house", "a dog", "a busy street at night", "a kitchen", "a sandy beach", "a car", "a dark forest", "a cat"]
+SOURCE = "\n".join(f"a photo of {t} with a pink elephant" for t in THINGS)
+TARGET = "\n".join(f"a photo of {t}" for t in THINGS)
+
+# fixture -> (family name, tiny model, the text encoders its CLIP carries, their norm classes,
+#             the norm classes of the diffusion model's default layers)
+FAMILIES = {
+    "chroma": ("Chroma", "Chroma", {"t5xxl"}, ("T5LayerNorm",), (torch.nn.LayerNorm,)),
+}
+FIXTURES = list(FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def models():
+    built = {}
+
+    def get(fixture):
+        if fixture not in built:
+            built[fixture] = tiny_model(FAMILIES[fixture][1], seed=0)
+        return built[fixture]
+    return get
+
+
+@pytest.fixture(scope="module")
+def fitted(pack, models):
+    """Activations and incremental maps of each family in the text encoder and the diffusion model
+    (one collection serves every test: CI time)."""
+    found = {}
+
+    def get(fixture):
+        if fixture not in found:
+            model, clip, _ = models(fixture)
+            activations = collect(pack, model, clip, where="both", source=SOURCE, target=TARGET)[0]
+            found[fixture] = (activations, fit(pack, activations))
+        return found[fixture]
+    return get
+
+
+def sample(model, clip, vae=None):
+    return conftest_sample(model, clip, vae, steps=2)
+
+
+def apply(pack, model, maps, strength=1.0, clip=None, mode="exact"):
+    node = pack.nodes.nodes_apply.ApplyTransportMaps
+    return node.execute(model, maps, strength, 0.0, 1.0, BOTH, mode, clip).args
+
+
+def conditioning(clip, prompt="a photo of a garden with a pink elephant"):
+    (cond,) = comfy_nodes.CLIPTextEncode().encode(clip, prompt)
+    return cond[0][0]
+
+
+def part(pack, maps, diffusion_model: bool):
+    return pack.act_core.TransportMaps({n: m for n, m in maps.items()
+                                        if n.startswith("diffusion_model.") == diffusion_model}, maps.info)
+
+
+def default_unet_layers(pack, fixture, model):
+    kinds = FAMILIES[fixture][4]
+    return {n: m for n, m in pack.nodes.model_layers.unet_modules(model).items() if isinstance(m, kinds)}
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_collect_and_fit_map_the_normalisation_outputs_of_the_diffusion_model(pack, models, fitted, fixture):
+    model, _, _ = models(fixture)
+    maps = part(pack, fitted(fixture)[1], diffusion_model=True)
+    family = FAMILIES[fixture][0]
+    assert maps.family == family and maps.info["family"] == family
+    expected = default_unet_layers(pack, fixture, model)
+    assert set(maps) == set(expected)
+    for name, layer in maps.items():
+        assert layer.kind == "token" and layer.dim == pack.nodes.model_layers.output_dim(expected[name])
+        assert torch.isfinite(layer.scale).all()
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_strength_zero_is_bit_identical_and_the_dial_is_monotonic_in_both_modes(pack, models, fitted, fixture):
+    model, clip, _ = models(fixture)
+    maps = part(pack, fitted(fixture)[1], diffusion_model=True)
+    plain = sample(model, clip)
+    distances = {}
+    for mode in ("exact", "fold all (approximate)"):
+        distances[mode] = []
+        for strength in (0.0, 0.5, 1.0):
+            steered = sample(apply(pack, model, maps, strength, mode=mode)[0], clip)
+            if strength == 0.0:
+                assert torch.equal(steered, plain)
+            distances[mode].append((steered - plain).pow(2).mean().sqrt().item())
+        assert distances[mode][0] == 0 < distances[mode][1] < distances[mode][2], distances
+    # These norms have nothing to fold into: both modes run them per step, alike.
+    assert distances["exact"] == distances["fold all (approximate)"]
+    assert torch.equal(sample(model, clip), plain)  # the model that went in is untouched
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_text_encoder_maps_cover_its_norms_and_dial_the_conditioning(pack, models, fitted, fixture):
+    model, clip, _ = models(fixture)
+    _, maps = fitted(fixture)
+    _, _, encoders, norm_classes, _ = FAMILIES[fixture]
+    text = part(pack, maps, diffusion_model=False)
+    modules = pack.nodes.model_layers.clip_modules(clip)
+    assert {n.split(".", 1)[0] for n in text} == encoders
+    assert set(text) == {n for n, m in modules.items() if type(m).__name__ in norm_classes}
+    assert any(n.startswith("diffusion_model.") for n in maps)
+    plain = conditioning(clip)
+    distances = []
+    for strength in (0.0, 0.5, 1.0):
+        cond = conditioning(apply(pack, model, text, strength, clip)[1])
+        if strength == 0.0:
+            assert torch.equal(cond, plain)
+        distances.append((cond - plain).pow(2).mean().sqrt().item())
+    assert distances[0] == 0 < distances[1] < distances[2], distances
+    image = sample(model, clip)
+    assert torch.equal(sample(*apply(pack, model, maps, 0.0, clip)), image)
+    assert not torch.allclose(sample(*apply(pack, model, maps, 1.0, clip)), image, atol=1e-3)
+    assert torch.equal(conditioning(clip), plain)  # the CLIP that went in is untouched
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_prompts_of_different_lengths_are_collected_as_each_alone(pack, models, fitted, fixture):
+    """The text encoders here take a prompt unpadded: a batch may only join prompts of one length, so
+    what is recorded equals one prompt per call, in the text encoder and in the diffusion model (on
+    each one's first layers: a pass stops after the last layer it records)."""
+    model, clip, _ = models(fixture)
+    batched = fitted(fixture)[0]
+    lengths = {len(next(iter(clip.tokenize(p).values()))[0]) for p in SOURCE.splitlines() + TARGET.splitlines()}
+    assert len(lengths) >= 3, lengths
+    first = [next(n for n in batched.order if n.startswith(e)) for e in sorted(FAMILIES[fixture][2])]
+    first.append(next(n for n in batched.order if n.startswith("diffusion_model.")))
+    alone = collect(pack, model, clip, where="both", source=SOURCE, target=TARGET, batch_size=1,
+                    layers="custom pattern", pattern="|".join(f"^{re.escape(n)}$" for n in first))[0]
+    assert alone.order == first
+    for side in ("source", "target"):
+        for name in first:
+            a, b = getattr(batched, side)[name], getattr(alone, side)[name]
+            assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), (side, name)
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_maps_save_load_and_steer_alike(pack, models, fitted, fixture):
+    model, clip, _ = models(fixture)
+    maps = fitted(fixture)[1]
+    name = f"test-family-contract-{fixture}"
+    path = pack.nodes.nodes_files.SaveTransportMaps.execute(maps, name, True).args[0]
+    try:
+        loaded, summary = pack.nodes.nodes_files.LoadTransportMaps.execute(f"{name}.safetensors").args
+    finally:
+        os.remove(path)
+    family = FAMILIES[fixture][0]
+    assert loaded.family == family and family in summary and list(loaded) == list(maps)
+    assert torch.equal(sample(*apply(pack, model, loaded, 1.0, clip)), sample(*apply(pack, model, maps, 1.0, clip)))
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_maps_of_another_family_are_refused_both_ways_naming_both(pack, models, fitted, flux, fixture):
+    model = models(fixture)[0]
+    family = FAMILIES[fixture][0]
+    # Maps say their family before any layer is compared: FLUX.1's need no fitting here.
+    flux_maps = pack.act_core.TransportMaps({}, {"family": "FLUX.1"})
+    for maps, target in ((flux_maps, model), (fitted(fixture)[1], flux[0])):
+        with pytest.raises(pack.nodes.model_layers.ActError) as error:
+            apply(pack, target, maps)
+        assert family in str(error.value) and "FLUX.1" in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_interrupting_collection_leaves_nothing_behind(pack, models, fixture):
+    model, clip, _ = models(fixture)
+    before = sample(model, clip)
+    victim = random.Random(fixture).choice(list(default_unet_layers(pack, fixture, model).values()))
+
+    def interrupt(*_):
+        comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    handle = victim.register_forward_hook(interrupt)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            collect(pack, model, clip, where="both", source=SOURCE, target=TARGET)
+    finally:
+        handle.remove()
+        comfy.model_management.interrupt_current_processing(False)
+    assert all_hooks(model.model, clip.cond_stage_model) == 0
+    assert not model.object_patches and not model.patches
+    assert torch.equal(sample(model, clip), before)
