@@ -25,6 +25,21 @@ def norm_layers(name: str, module: torch.nn.Module) -> bool:
     return isinstance(module, NORM_TYPES)
 
 
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    # ComfyUI's RMSNorm classes (comfy.ops, comfy.rmsnorm, its language models' own) do not all derive
+    # from torch's: known by name.
+    return any(c.__name__ == "RMSNorm" for c in type(module).__mro__)
+
+
+def stream_norm_layers(name: str, module: torch.nn.Module) -> bool:
+    """Every LayerNorm / RMSNorm of the token stream: the paper's choice on transformers normalised
+    with RMSNorm. Attention's per-head query and key norms are not the stream (their outputs are
+    [batch, heads, tokens, head width]) and are left out."""
+    if name.rsplit(".", 1)[-1] in ("q_norm", "k_norm"):
+        return False
+    return isinstance(module, NORM_TYPES) or _is_rms_norm(module)
+
+
 def _no_extras(pooled: torch.Tensor | None, resolution: int) -> dict:
     return {}
 
@@ -51,8 +66,14 @@ class TextEncoder:
     attribute: str                              # of the CLIP's cond_stage_model: clip_l, clip_g, t5xxl
     tokens: str                                 # key of its chunks in the tokenizer's output: l, g, t5xxl
     norms: tuple[str, ...] = ()                 # its own normalization classes, beside torch's (by name)
+    # A language model's prompt is wrapped in its chat template (ComfyUI's tokenizer adds the markers
+    # around it): a prompt counts as the mean over its own tokens, the template's are the same on both
+    # sides and are not part of the concept.
+    chat_template: bool = False
 
-    def is_norm(self, module: torch.nn.Module) -> bool:
+    def is_norm(self, name: str, module: torch.nn.Module) -> bool:
+        if self.chat_template:
+            return stream_norm_layers(name, module)
         return isinstance(module, NORM_TYPES) or type(module).__name__ in self.norms
 
 
@@ -62,6 +83,9 @@ CLIP_H = TextEncoder("clip_h", "h")
 # ComfyUI's T5 (comfy/text_encoders/t5.py) normalizes with its own RMS-style T5LayerNorm (a weight,
 # no bias): fused mode has no bias to fold into and runs these maps exactly.
 T5XXL = TextEncoder("t5xxl", "t5xxl", norms=("T5LayerNorm",))
+# Qwen3-4B (comfy/text_encoders/llama.py), in Z-Image's chat template; its RMSNorms carry a weight and
+# no bias.
+QWEN3_4B = TextEncoder("qwen3_4b", "qwen3_4b", norms=("RMSNorm",), chat_template=True)
 
 
 @dataclass(frozen=True)
@@ -93,7 +117,7 @@ class Family:
 
     def default_text_layer(self, name: str, module: torch.nn.Module) -> bool:
         """The normalization layers of the text encoder that holds `name`."""
-        return self.encoder(name).is_norm(module)
+        return self.encoder(name).is_norm(name, module)
 
 
 def _sd2_resolution(model) -> int:
@@ -125,6 +149,11 @@ FAMILIES: tuple[Family, ...] = (
     # unpadded: one token stream, encoded in batches of prompts of one length.
     # Chroma Radiance draws in pixel space (no VAE latent) with another output head.
     Family("Chroma", ("Chroma",), (T5XXL,), 1024, _pooled_only, excluded=("ChromaRadiance",)),
+    # Lumina 2's NextDiT: caption tokens and image tokens each refined on their own, then joined in one
+    # stream; every block normalises with RMSNorm before and after attention and the MLP. The pixel-
+    # space variant has no VAE latent and a decoder of its own.
+    Family("Z-Image", ("ZImage",), (QWEN3_4B,), 1024, default_layers=stream_norm_layers,
+           default_layers_text="normalization layers (RMSNorm, LayerNorm)", excluded=("ZImagePixelSpace",)),
 )
 
 SUPPORTED_FAMILIES = tuple(f.name for f in FAMILIES)

@@ -1,6 +1,6 @@
 """Random-weight Stable Diffusion models built with ComfyUI's own classes (nothing is downloaded).
 
-    tiny_model("SD15" | "SD2" | "SDXL" | "SD3" | "FLUX" | "Chroma", seed)
+    tiny_model("SD15" | "SD2" | "SDXL" | "SD3" | "FLUX" | "Chroma" | "Z-Image", seed)
                                                 -> (MODEL, CLIP, VAE) small enough for CPU tests
     write_thin_sd15(folder)                     -> a checkpoint file that CheckpointLoaderSimple
                                                    detects as SD1.5: full-size CLIP-L and VAE, a UNet
@@ -29,6 +29,11 @@ TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads":
              "num_hidden_layers": 3, "projection_dim": 64}
 
 TINY_T5 = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
+
+# Qwen3-4B's layout (its 151,936-token vocabulary, heads of 128) at width 64; Z-Image reads the
+# second-to-last layer's output: three layers keep that meaningful.
+TINY_QWEN3 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "num_key_value_heads": 1}
 
 TINY_VAE = {"params": {"embed_dim": 4, "ddconfig": {
     "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
@@ -78,8 +83,8 @@ def unet_config(family: str, thin: bool = False) -> dict:
                                             "params": {"in_features": 4096, "out_features": 128}}}
     elif family == "FLUX":
         return flux_config()
-    elif family == "Chroma":
-        return chroma_config()
+    elif family in DETECTED:
+        return DETECTED[family]()
     else:
         raise ValueError(f"no test model for family {family!r}")
     return cfg
@@ -133,8 +138,21 @@ def chroma_config() -> dict:
     return cfg
 
 
-# Families whose tiny configuration comes from the host's detection, and so does their config class.
-DETECTED = ("Chroma",)
+def zimage_config() -> dict:
+    """A tiny Z-Image: two joint blocks, one noise and one caption refiner block, width 256 (its
+    timestep embedding is 256 wide, so no narrower), heads of 32. Detection knows Z-Image by its
+    full width (3840) only: the host's settings for a full-size file are taken, then narrowed."""
+    full = {"cap_embedder.1.weight": (3840, 2560), "noise_refiner.0.attention.k_norm.weight": (128,),
+            "layers.0.ffn_norm1.weight": (3840,), "layers.1.ffn_norm1.weight": (3840,), "cap_pad_token": (1, 3840)}
+    cfg = detected_config(full, "lumina2")
+    cfg.update(dim=256, cap_feat_dim=TINY_QWEN3["hidden_size"], n_heads=8, n_kv_heads=8, axes_dims=[8, 12, 12],
+               n_refiner_layers=1)
+    return cfg
+
+
+# Families whose tiny configuration comes from the host's detection, and so does their config class
+# (for Z-Image, detection's choice for the full-size file).
+DETECTED = {"Chroma": chroma_config, "Z-Image": zimage_config}
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
@@ -155,7 +173,9 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
 def _model_config(family: str, unet: dict):
     import comfy.supported_models as sm
     import comfy.model_detection
-    if family in DETECTED:
+    if family == "Z-Image":
+        cfg = type(comfy.model_detection.model_config_from_unet_config(dict(unet, dim=3840)))(unet)
+    elif family in DETECTED:
         # The host's own choice of config class for these settings, as when it loads a file.
         cfg = comfy.model_detection.model_config_from_unet_config(unet)
     else:
@@ -198,7 +218,7 @@ def build_clip(cfg, family: str, seed: int, full_size: bool = False):
         options = {"model_name": "clip_h", "clip_h_model_config": dict(TINY_CLIP)}
     else:
         options = {"clip_l_model_config": dict(TINY_CLIP), "clip_g_model_config": dict(TINY_CLIP),
-                   "t5xxl_model_config": dict(TINY_T5)}
+                   "t5xxl_model_config": dict(TINY_T5), "qwen3_4b_model_config": dict(TINY_QWEN3)}
     if family == "SD3":
         # The SD3 config reads which encoders exist from a checkpoint's keys; name them here.
         target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,

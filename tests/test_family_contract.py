@@ -24,10 +24,20 @@ THINGS = ["a house", "a dog", "a busy street at night", "a kitchen", "a sandy be
 SOURCE = "\n".join(f"a photo of {t} with a pink elephant" for t in THINGS)
 TARGET = "\n".join(f"a photo of {t}" for t in THINGS)
 
-# fixture -> (family name, tiny model, the text encoders its CLIP carries, their norm classes,
-#             the norm classes of the diffusion model's default layers)
+
+
+def named(*classes):
+    """Modules of these classes (by name: ComfyUI's norm classes do not all derive from torch's),
+    attention's per-head query and key norms left out."""
+    return lambda name, module: (type(module).__name__ in classes
+                                 and name.rsplit(".", 1)[-1] not in ("q_norm", "k_norm", "query_norm", "key_norm"))
+
+
+# fixture -> (family name, tiny model, the text encoders its CLIP carries, the default layers of the
+#             text encoders, those of the diffusion model)
 FAMILIES = {
-    "chroma": ("Chroma", "Chroma", {"t5xxl"}, ("T5LayerNorm",), (torch.nn.LayerNorm,)),
+    "chroma": ("Chroma", "Chroma", {"t5xxl"}, named("T5LayerNorm"), named("LayerNorm")),
+    "zimage": ("Z-Image", "Z-Image", {"qwen3_4b"}, named("RMSNorm"), named("RMSNorm", "LayerNorm")),
 }
 FIXTURES = list(FAMILIES)
 
@@ -77,18 +87,29 @@ def part(pack, maps, diffusion_model: bool):
                                         if n.startswith("diffusion_model.") == diffusion_model}, maps.info)
 
 
-def default_unet_layers(pack, fixture, model):
-    kinds = FAMILIES[fixture][4]
-    return {n: m for n, m in pack.nodes.model_layers.unet_modules(model).items() if isinstance(m, kinds)}
+def default_unet_layers(pack, fixture, model, clip=None):
+    """The family's default layers; with a CLIP, those a sampling step runs (ComfyUI 0.3.75's NextDiT
+    holds a final RMSNorm it never calls)."""
+    chosen = {n: m for n, m in pack.nodes.model_layers.unet_modules(model).items() if FAMILIES[fixture][4](n, m)}
+    if clip is None:
+        return chosen
+    ran = set()
+    handles = [m.register_forward_hook(lambda *_, n=n: ran.add(n)) for n, m in chosen.items()]
+    try:
+        sample(model, clip)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: m for n, m in chosen.items() if n in ran}
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_collect_and_fit_map_the_normalisation_outputs_of_the_diffusion_model(pack, models, fitted, fixture):
-    model, _, _ = models(fixture)
+    model, clip, _ = models(fixture)
     maps = part(pack, fitted(fixture)[1], diffusion_model=True)
     family = FAMILIES[fixture][0]
     assert maps.family == family and maps.info["family"] == family
-    expected = default_unet_layers(pack, fixture, model)
+    expected = default_unet_layers(pack, fixture, model, clip)
     assert set(maps) == set(expected)
     for name, layer in maps.items():
         assert layer.kind == "token" and layer.dim == pack.nodes.model_layers.output_dim(expected[name])
@@ -118,11 +139,11 @@ def test_strength_zero_is_bit_identical_and_the_dial_is_monotonic_in_both_modes(
 def test_text_encoder_maps_cover_its_norms_and_dial_the_conditioning(pack, models, fitted, fixture):
     model, clip, _ = models(fixture)
     _, maps = fitted(fixture)
-    _, _, encoders, norm_classes, _ = FAMILIES[fixture]
+    _, _, encoders, chosen, _ = FAMILIES[fixture]
     text = part(pack, maps, diffusion_model=False)
     modules = pack.nodes.model_layers.clip_modules(clip)
     assert {n.split(".", 1)[0] for n in text} == encoders
-    assert set(text) == {n for n, m in modules.items() if type(m).__name__ in norm_classes}
+    assert set(text) == {n for n, m in modules.items() if chosen(n, m)}
     assert any(n.startswith("diffusion_model.") for n in maps)
     plain = conditioning(clip)
     distances = []
@@ -205,3 +226,28 @@ def test_interrupting_collection_leaves_nothing_behind(pack, models, fixture):
     assert all_hooks(model.model, clip.cond_stage_model) == 0
     assert not model.object_patches and not model.patches
     assert torch.equal(sample(model, clip), before)
+
+
+def test_zimage_prompts_count_by_their_own_tokens_not_the_chat_template(pack, models, fitted):
+    """Z-Image's tokenizer wraps each prompt in Qwen's chat markers; a prompt's recorded activation is
+    the mean over its own tokens, found here by the host's tokenizer on the bare prompt."""
+    _, clip, _ = models("zimage")
+    activations = fitted("zimage")[0]
+    layer = "qwen3_4b.transformer.model.layers.0.input_layernorm"
+    module = pack.nodes.model_layers.clip_modules(clip)[layer]
+    hf_tokenizer = clip.tokenizer.qwen3_4b.tokenizer
+    for index, prompt in ((0, SOURCE.splitlines()[0]), (2, SOURCE.splitlines()[2])):
+        tokens = clip.tokenize(prompt)
+        ids = [t[0] for t in tokens["qwen3_4b"][0]]
+        own = hf_tokenizer(prompt)["input_ids"]
+        start = next(i for i in range(len(ids)) if ids[i:i + len(own)] == own)
+        assert 0 < start and start + len(own) < len(ids)  # markers on both sides
+        seen = []
+        handle = module.register_forward_hook(lambda _m, _i, output: seen.append(output[0].float()))
+        try:
+            clip.encode_from_tokens(tokens)
+        finally:
+            handle.remove()
+        recorded = activations.source[layer][index]
+        assert torch.allclose(recorded, seen[0][start:start + len(own)].mean(0), atol=1e-5)
+        assert not torch.allclose(recorded, seen[0].mean(0), atol=1e-3)
