@@ -158,6 +158,13 @@ FAMILIES: tuple[Family, ...] = (
 
 SUPPORTED_FAMILIES = tuple(f.name for f in FAMILIES)
 
+# Families ComfyUI loads that are refused with the reason they cannot be steered faithfully yet.
+NOT_STEERED = {
+    "Flux2": "FLUX.2's Klein text encoders (Qwen3) pad every prompt to 512 tokens and hand the model an "
+             "attention mask over the padding, which a collection pass does not pass on yet, so the activations "
+             "it would record are not those sampling computes",
+}
+
 
 def family_of(model, node: str) -> Family:
     """The Family of a ComfyUI MODEL; any other model, a family's excluded variants included, raises
@@ -168,6 +175,10 @@ def family_of(model, node: str) -> Family:
 
     def is_one_of(names):
         return any(isinstance(config, getattr(sm, c)) for c in names if hasattr(sm, c))
+    for name, reason in NOT_STEERED.items():
+        if is_one_of((name,)):
+            raise ActError(f"{node}: the MODEL is of type {kind}, which ComfyUI-ACT does not support yet: {reason}; "
+                           f"it supports {', '.join(SUPPORTED_FAMILIES)}")
     for family in FAMILIES:
         if not is_one_of(family.configs):
             continue

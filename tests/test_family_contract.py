@@ -251,3 +251,18 @@ def test_zimage_prompts_count_by_their_own_tokens_not_the_chat_template(pack, mo
         recorded = activations.source[layer][index]
         assert torch.allclose(recorded, seen[0][start:start + len(own)].mean(0), atol=1e-5)
         assert not torch.allclose(recorded, seen[0].mean(0), atol=1e-3)
+
+
+def test_flux2_is_refused_with_the_reason_on_both_nodes(pack, flux):
+    """FLUX.2 (a subclass of FLUX.1's config in ComfyUI) is refused before FLUX.1 could claim it, saying why."""
+    import comfy.supported_models as sm
+    from test_collection_correctness import tiny_variant
+    if not hasattr(sm, "Flux2"):
+        pytest.skip("this ComfyUI has no FLUX.2")
+    model = tiny_variant(pack.nodes.families.by_name("FLUX.1"), "Flux2")
+    for node, run in (("Collect Activations", lambda: collect(pack, model, flux[1], where="diffusion model")),
+                      ("Apply Transport Maps", lambda: apply(pack, model, pack.act_core.TransportMaps({}, {})))):
+        with pytest.raises(pack.nodes.model_layers.ActError) as error:
+            run()
+        message = str(error.value)
+        assert node in message and "Flux2" in message and "attention mask" in message, message
