@@ -139,14 +139,14 @@ def chroma_config() -> dict:
 
 
 def zimage_config() -> dict:
-    """A tiny Z-Image: two joint blocks, one noise and one caption refiner block, width 256 (its
+    """A tiny Z-Image: one joint block, one noise and one caption refiner block, width 256 (its
     timestep embedding is 256 wide, so no narrower), heads of 32. Detection knows Z-Image by its
     full width (3840) only: the host's settings for a full-size file are taken, then narrowed."""
     full = {"cap_embedder.1.weight": (3840, 2560), "noise_refiner.0.attention.k_norm.weight": (128,),
-            "layers.0.ffn_norm1.weight": (3840,), "layers.1.ffn_norm1.weight": (3840,), "cap_pad_token": (1, 3840)}
+            "layers.0.ffn_norm1.weight": (3840,), "cap_pad_token": (1, 3840)}
     cfg = detected_config(full, "lumina2")
     cfg.update(dim=256, cap_feat_dim=TINY_QWEN3["hidden_size"], n_heads=8, n_kv_heads=8, axes_dims=[8, 12, 12],
-               n_refiner_layers=1)
+               n_refiner_layers=1, ffn_dim_multiplier=1.0, multiple_of=32)  # an MLP of 704, not 2048
     return cfg
 
 

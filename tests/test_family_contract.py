@@ -20,6 +20,7 @@ from make_models import tiny_model
 from test_learn import all_hooks, collect, fit
 
 BOTH = "conditional and unconditional"
+FOLD_ALL = "fold all (approximate)"
 THINGS = ["a house", "a dog", "a busy street at night", "a kitchen", "a sandy beach", "a car", "a dark forest", "a cat"]
 SOURCE = "\n".join(f"a photo of {t} with a pink elephant" for t in THINGS)
 TARGET = "\n".join(f"a photo of {t}" for t in THINGS)
@@ -121,17 +122,16 @@ def test_strength_zero_is_bit_identical_and_the_dial_is_monotonic_in_both_modes(
     model, clip, _ = models(fixture)
     maps = part(pack, fitted(fixture)[1], diffusion_model=True)
     plain = sample(model, clip)
-    distances = {}
-    for mode in ("exact", "fold all (approximate)"):
-        distances[mode] = []
-        for strength in (0.0, 0.5, 1.0):
-            steered = sample(apply(pack, model, maps, strength, mode=mode)[0], clip)
-            if strength == 0.0:
-                assert torch.equal(steered, plain)
-            distances[mode].append((steered - plain).pow(2).mean().sqrt().item())
-        assert distances[mode][0] == 0 < distances[mode][1] < distances[mode][2], distances
-    # These norms have nothing to fold into: both modes run them per step, alike.
-    assert distances["exact"] == distances["fold all (approximate)"]
+    distances = []
+    for strength in (0.0, 0.5, 1.0):
+        steered = sample(apply(pack, model, maps, strength)[0], clip)
+        if strength == 0.0:
+            assert torch.equal(steered, plain)
+            assert torch.equal(sample(apply(pack, model, maps, strength, mode=FOLD_ALL)[0], clip), plain)
+        distances.append((steered - plain).pow(2).mean().sqrt().item())
+    assert distances[0] == 0 < distances[1] < distances[2], distances
+    # These norms have no bias to fold into: both modes run them per step, alike.
+    assert torch.equal(sample(apply(pack, model, maps, 1.0, mode=FOLD_ALL)[0], clip), steered)
     assert torch.equal(sample(model, clip), plain)  # the model that went in is untouched
 
 
