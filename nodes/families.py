@@ -109,6 +109,10 @@ class Family:
     # length), so their prompts are encoded one by one, and their text-encoder maps are fitted one
     # layer at a time (collection.Collector.incremental).
     batched_text: bool = True
+    # 'The concept's words only' compares source and target conditionings token by token, at one
+    # length; a text encoder that gives each prompt its own length (unpadded T5, a language model)
+    # would have the concept's words cut off.
+    one_text_length: bool = True
 
     def encoder(self, layer: str) -> TextEncoder:
         """The text encoder a text-encoder layer name ("t5xxl.transformer...") belongs to."""
@@ -148,12 +152,14 @@ FAMILIES: tuple[Family, ...] = (
     # of the noise level alone: the pooled output is None, as CLIPTextEncode hands it) and T5 alone,
     # unpadded: one token stream, encoded in batches of prompts of one length.
     # Chroma Radiance draws in pixel space (no VAE latent) with another output head.
-    Family("Chroma", ("Chroma",), (T5XXL,), 1024, _pooled_only, excluded=("ChromaRadiance",)),
+    Family("Chroma", ("Chroma",), (T5XXL,), 1024, _pooled_only, excluded=("ChromaRadiance",),
+           one_text_length=False),
     # Lumina 2's NextDiT: caption tokens and image tokens each refined on their own, then joined in one
     # stream; every block normalises with RMSNorm before and after attention and the MLP. The pixel-
     # space variant has no VAE latent and a decoder of its own.
     Family("Z-Image", ("ZImage",), (QWEN3_4B,), 1024, default_layers=stream_norm_layers,
-           default_layers_text="normalization layers (RMSNorm, LayerNorm)", excluded=("ZImagePixelSpace",)),
+           default_layers_text="normalization layers (RMSNorm, LayerNorm)", excluded=("ZImagePixelSpace",),
+           one_text_length=False),
 )
 
 SUPPORTED_FAMILIES = tuple(f.name for f in FAMILIES)

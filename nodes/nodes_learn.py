@@ -27,6 +27,10 @@ def fit_concept_words(activations) -> TransportMaps:
     collected prompt pairs (source line i with target line i)."""
     collector = activations.collector
     n = collector.n_source
+    if not collector.spec.one_text_length:
+        raise ActError(f"'the concept's words only' compares prompts token by token at one length, but the "
+                       f"{collector.family} text encoder gives each prompt its own length, so the concept's words "
+                       "would be cut off; set 'moves' to every token alike on Fit Transport Maps")
     if n != len(collector.prompts) - n:
         raise ActError(f"'the concept's words only' pairs source and target prompts line by line, but there are "
                        f"{n} source and {len(collector.prompts) - n} target prompts: give both the same count "

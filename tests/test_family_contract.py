@@ -267,3 +267,15 @@ def test_flux2_is_refused_with_the_reason_on_both_nodes(pack, flux):
             run()
         message = str(error.value)
         assert node in message and "Flux2" in message and "attention mask" in message, message
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_the_concepts_words_only_is_refused_where_each_prompt_has_its_own_length(pack, fitted, fixture):
+    """Source prompts are longer than their targets here: compared token by token at one length, the
+    concept's words would be cut off."""
+    activations = fitted(fixture)[0]
+    node = pack.nodes.nodes_learn.FitTransportMaps
+    with pytest.raises(pack.nodes.model_layers.ActError) as error:
+        node.execute(activations, "linear", "method default", "incremental", pack.nodes.nodes_learn.MOVES[1])
+    message = str(error.value)
+    assert FAMILIES[fixture][0] in message and "every token alike" in message, message
