@@ -80,6 +80,10 @@ class Collector:
         self.levels = max(1, settings.noise_levels)
         self.text_layers = (select_layers(clip_modules(clip), settings.pattern, self.spec.default_text_layer)
                             if settings.where in ("text encoder", "both") else {})
+        if not settings.pattern:
+            stage, clip_layer = clip.cond_stage_model, getattr(clip, "layer_idx", None)
+            self.text_layers = {n: m for n, m in self.text_layers.items() if self.spec.encoder(n).reaches_output(
+                n, getattr(stage, n.split(".", 1)[0]), clip_layer)}
         self.unet_layers = (select_layers(unet_modules(model), settings.pattern, self.spec.default_layers)
                             if settings.where in ("diffusion model", "both") else {})
         if not self.text_layers and not self.unet_layers:

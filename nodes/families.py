@@ -9,6 +9,7 @@ Adding a family is one Family(...) entry here plus its tiny test model in tests/
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +76,22 @@ class TextEncoder:
         if self.chat_template:
             return stream_norm_layers(name, module)
         return isinstance(module, NORM_TYPES) or type(module).__name__ in self.norms
+
+    def reaches_output(self, name: str, encoder: torch.nn.Module, clip_layer: int | None) -> bool:
+        """Whether a language model's layer can change what the encoder hands the diffusion model.
+        ComfyUI reads one of its hidden layers (Z-Image: the second-to-last; `clip_layer`, what CLIP Set
+        Last Layer set, overrides it): the layers after that one, and the final norm, run for nothing."""
+        if not self.chat_template:
+            return True
+        count = getattr(encoder, "num_layers", None)
+        index = clip_layer if clip_layer is not None else getattr(encoder, "layer_idx", None)
+        if not count or not isinstance(index, int) or abs(index) > count or (
+                clip_layer is None and getattr(encoder, "layer", None) != "hidden"):
+            return True
+        block = re.search(r"\.layers\.(\d+)\.", name)
+        if block:
+            return int(block.group(1)) <= index % count
+        return not name.endswith(".model.norm") or getattr(encoder, "layer_norm_hidden_state", True)
 
 
 CLIP_L = TextEncoder("clip_l", "l")
