@@ -5,7 +5,8 @@ subclasses that do not), which layers are steered when the user names none, what
 must hand the diffusion model besides the prompt (pooled text embedding, image size, guidance), its
 native resolution and the text encoders its CLIP carries (TextEncoder: the attribute of ComfyUI's
 cond_stage_model, the key of its tokens, its own normalization classes such as T5's T5LayerNorm).
-Adding a family is one Family(...) entry here plus its tiny test model in tests/make_models.py.
+Adding a family is one Family(...) entry here plus its tiny test model in tests/make_models.py and its
+row in tests/test_family_contract.py.
 """
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ CLIP_H = TextEncoder("clip_h", "h")
 # no bias): fused mode has no bias to fold into and runs these maps exactly.
 T5XXL = TextEncoder("t5xxl", "t5xxl", norms=("T5LayerNorm",))
 # Qwen3-4B (comfy/text_encoders/llama.py), in Z-Image's chat template; its RMSNorms carry a weight and
-# no bias.
-QWEN3_4B = TextEncoder("qwen3_4b", "qwen3_4b", norms=("RMSNorm",), chat_template=True)
+# no bias, so no fold can take a map's shift.
+QWEN3_4B = TextEncoder("qwen3_4b", "qwen3_4b", chat_template=True)
 
 
 @dataclass(frozen=True)
