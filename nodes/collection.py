@@ -80,12 +80,17 @@ class Collector:
         self.levels = max(1, settings.noise_levels)
         self.text_layers = (select_layers(clip_modules(clip), settings.pattern, self.spec.default_text_layer)
                             if settings.where in ("text encoder", "both") else {})
+        if not settings.pattern:
+            stage, clip_layer = clip.cond_stage_model, getattr(clip, "layer_idx", None)
+            self.text_layers = {n: m for n, m in self.text_layers.items() if self.spec.encoder(n).reaches_output(
+                n, getattr(stage, n.split(".", 1)[0]), clip_layer)}
         self.unet_layers = (select_layers(unet_modules(model), settings.pattern, self.spec.default_layers)
                             if settings.where in ("diffusion model", "both") else {})
         if not self.text_layers and not self.unet_layers:
             raise ActError(f"no layer of the {settings.where} matches the pattern {settings.pattern!r}; "
                            "fix the 'pattern' input of Collect Activations")
         self.tokens = [self.clip.tokenize(p) for p in self.prompts]
+        self.own_tokens = self._own_token_spans()
         self.resolution = settings.resolution or self._native_resolution()
         if self.resolution % 8:
             raise ActError(f"resolution {self.resolution} is not a multiple of 8; fix it on Collect Activations")
@@ -146,6 +151,25 @@ class Collector:
                             for key, chunks in self.tokens[prompt].items()
                             if key not in absent and isinstance(chunks, (list, tuple))))
 
+    def _own_token_spans(self) -> list[dict[str, tuple[int, int]]]:
+        """Per prompt, where its own tokens lie in each chat-template encoder's chunk: the tokens the
+        prompt shares at its start and end with the template around an empty prompt are the template's."""
+        keys = [e.tokens for e in self.spec.text_encoders if e.chat_template]
+        bare = self.clip.tokenize("") if keys else {}
+        spans = []
+        for tokens in self.tokens:
+            found = {}
+            for key in keys:
+                if key not in tokens or key not in bare:
+                    continue
+                ids, around = [t[0] for t in tokens[key][0]], [t[0] for t in bare[key][0]]
+                start = next((i for i, (a, b) in enumerate(zip(ids, around)) if a != b), min(len(ids), len(around)))
+                tail = min(len(ids), len(around)) - start
+                end = len(ids) - next((i for i in range(tail) if ids[-1 - i] != around[-1 - i]), tail)
+                found[key] = (start, end) if end > start else (0, len(ids))
+            spans.append(found)
+        return spans
+
     def encode(self, prompts: list[int], text_hooks: list, calls) -> tuple[list[torch.Tensor], list]:
         """Encode prompts in one text-encoder batch; returns per-prompt conds and pooled outputs."""
         if not self.spec.batched_text:
@@ -199,8 +223,13 @@ class Collector:
     def pool_text(self, name: str, output: torch.Tensor, prompts: list[int]) -> torch.Tensor:
         """Mean over each prompt's tokens (all its chunks) in the current text-encoder call ->
         [prompts, neurons] float32. The encoder's own chunks count: CLIP's 77-token chunks and T5's
-        one long chunk differ; a last row beyond them is the empty prompt ComfyUI adds for weights."""
+        one long chunk differ; a last row beyond them is the empty prompt ComfyUI adds for weights.
+        A language model in a chat template takes a prompt in one chunk: its own tokens count, not
+        the template's."""
         key = self.spec.encoder(name).tokens
+        spans = [self.own_tokens[p].get(key) for p in prompts]
+        if spans and all(spans) and output.ndim == 3 and output.shape[0] >= len(prompts):
+            return torch.stack([output[i, s:e].float().mean(0) for i, (s, e) in enumerate(spans)]).cpu()
         counts = torch.tensor([len(self.tokens[p].get(key, ())) for p in prompts])
         chunks = int(counts.sum())
         if output.ndim != 3 or output.shape[0] < chunks or not chunks:

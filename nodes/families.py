@@ -5,10 +5,12 @@ subclasses that do not), which layers are steered when the user names none, what
 must hand the diffusion model besides the prompt (pooled text embedding, image size, guidance), its
 native resolution and the text encoders its CLIP carries (TextEncoder: the attribute of ComfyUI's
 cond_stage_model, the key of its tokens, its own normalization classes such as T5's T5LayerNorm).
-Adding a family is one Family(...) entry here plus its tiny test model in tests/make_models.py.
+Adding a family is one Family(...) entry here plus its tiny test model in tests/make_models.py and its
+row in tests/test_family_contract.py.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +25,21 @@ def norm_layers(name: str, module: torch.nn.Module) -> bool:
     """The paper's choice: every GroupNorm / LayerNorm. On FLUX and SD3 these keep the image and text
     token streams apart (img_norm* / txt_norm*, x_block.norm* / context_block.norm*)."""
     return isinstance(module, NORM_TYPES)
+
+
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    # ComfyUI's RMSNorm classes (comfy.ops, comfy.rmsnorm, its language models' own) do not all derive
+    # from torch's: known by name.
+    return any(c.__name__ == "RMSNorm" for c in type(module).__mro__)
+
+
+def stream_norm_layers(name: str, module: torch.nn.Module) -> bool:
+    """Every LayerNorm / RMSNorm of the token stream: the paper's choice on transformers normalised
+    with RMSNorm. Attention's per-head query and key norms are not the stream (their outputs are
+    [batch, heads, tokens, head width]) and are left out."""
+    if name.rsplit(".", 1)[-1] in ("q_norm", "k_norm"):
+        return False
+    return isinstance(module, NORM_TYPES) or _is_rms_norm(module)
 
 
 def _no_extras(pooled: torch.Tensor | None, resolution: int) -> dict:
@@ -51,9 +68,31 @@ class TextEncoder:
     attribute: str                              # of the CLIP's cond_stage_model: clip_l, clip_g, t5xxl
     tokens: str                                 # key of its chunks in the tokenizer's output: l, g, t5xxl
     norms: tuple[str, ...] = ()                 # its own normalization classes, beside torch's (by name)
+    # A language model's prompt is wrapped in its chat template (ComfyUI's tokenizer adds the markers
+    # around it): a prompt counts as the mean over its own tokens, the template's are the same on both
+    # sides and are not part of the concept.
+    chat_template: bool = False
 
-    def is_norm(self, module: torch.nn.Module) -> bool:
+    def is_norm(self, name: str, module: torch.nn.Module) -> bool:
+        if self.chat_template:
+            return stream_norm_layers(name, module)
         return isinstance(module, NORM_TYPES) or type(module).__name__ in self.norms
+
+    def reaches_output(self, name: str, encoder: torch.nn.Module, clip_layer: int | None) -> bool:
+        """Whether a language model's layer can change what the encoder hands the diffusion model.
+        ComfyUI reads one of its hidden layers (Z-Image: the second-to-last; `clip_layer`, what CLIP Set
+        Last Layer set, overrides it): the layers after that one, and the final norm, run for nothing."""
+        if not self.chat_template:
+            return True
+        count = getattr(encoder, "num_layers", None)
+        index = clip_layer if clip_layer is not None else getattr(encoder, "layer_idx", None)
+        if not count or not isinstance(index, int) or abs(index) > count or (
+                clip_layer is None and getattr(encoder, "layer", None) != "hidden"):
+            return True
+        block = re.search(r"\.layers\.(\d+)\.", name)
+        if block:
+            return int(block.group(1)) <= index % count
+        return not name.endswith(".model.norm") or getattr(encoder, "layer_norm_hidden_state", True)
 
 
 CLIP_L = TextEncoder("clip_l", "l")
@@ -62,6 +101,9 @@ CLIP_H = TextEncoder("clip_h", "h")
 # ComfyUI's T5 (comfy/text_encoders/t5.py) normalizes with its own RMS-style T5LayerNorm (a weight,
 # no bias): fused mode has no bias to fold into and runs these maps exactly.
 T5XXL = TextEncoder("t5xxl", "t5xxl", norms=("T5LayerNorm",))
+# Qwen3-4B (comfy/text_encoders/llama.py), in Z-Image's chat template; its RMSNorms carry a weight and
+# no bias, so no fold can take a map's shift.
+QWEN3_4B = TextEncoder("qwen3_4b", "qwen3_4b", chat_template=True)
 
 
 @dataclass(frozen=True)
@@ -85,6 +127,10 @@ class Family:
     # length), so their prompts are encoded one by one, and their text-encoder maps are fitted one
     # layer at a time (collection.Collector.incremental).
     batched_text: bool = True
+    # 'The concept's words only' compares source and target conditionings token by token, at one
+    # length; a text encoder that gives each prompt its own length (unpadded T5, a language model)
+    # would have the concept's words cut off.
+    one_text_length: bool = True
 
     def encoder(self, layer: str) -> TextEncoder:
         """The text encoder a text-encoder layer name ("t5xxl.transformer...") belongs to."""
@@ -93,7 +139,7 @@ class Family:
 
     def default_text_layer(self, name: str, module: torch.nn.Module) -> bool:
         """The normalization layers of the text encoder that holds `name`."""
-        return self.encoder(name).is_norm(module)
+        return self.encoder(name).is_norm(name, module)
 
 
 def _sd2_resolution(model) -> int:
@@ -120,9 +166,28 @@ FAMILIES: tuple[Family, ...] = (
     Family("SD3", ("SD3",), (CLIP_L, CLIP_G, T5XXL), 1024, _pooled_only, batched_text=False),
     Family("FLUX.1", ("Flux",), (CLIP_L, T5XXL), 1024, _flux_extras,
            excluded=("Flux2", "FluxInpaint"), variants=("FluxSchnell",), batched_text=False),
+    # FLUX.1's blocks without its vector input (Chroma's modulations come from its own small network
+    # of the noise level alone: the pooled output is None, as CLIPTextEncode hands it) and T5 alone,
+    # unpadded: one token stream, encoded in batches of prompts of one length.
+    # Chroma Radiance draws in pixel space (no VAE latent) with another output head.
+    Family("Chroma", ("Chroma",), (T5XXL,), 1024, _pooled_only, excluded=("ChromaRadiance",),
+           one_text_length=False),
+    # Lumina 2's NextDiT: caption tokens and image tokens each refined on their own, then joined in one
+    # stream; every block normalises with RMSNorm before and after attention and the MLP. The pixel-
+    # space variant has no VAE latent and a decoder of its own.
+    Family("Z-Image", ("ZImage",), (QWEN3_4B,), 1024, default_layers=stream_norm_layers,
+           default_layers_text="normalization layers (RMSNorm, LayerNorm)", excluded=("ZImagePixelSpace",),
+           one_text_length=False),
 )
 
 SUPPORTED_FAMILIES = tuple(f.name for f in FAMILIES)
+
+# Families ComfyUI loads that are refused with the reason they cannot be steered faithfully yet.
+NOT_STEERED = {
+    "Flux2": "FLUX.2's Klein text encoders (Qwen3) pad every prompt to 512 tokens and hand the model an "
+             "attention mask over the padding, which a collection pass does not pass on yet, so the activations "
+             "it would record are not those sampling computes",
+}
 
 
 def family_of(model, node: str) -> Family:
@@ -134,6 +199,10 @@ def family_of(model, node: str) -> Family:
 
     def is_one_of(names):
         return any(isinstance(config, getattr(sm, c)) for c in names if hasattr(sm, c))
+    for name, reason in NOT_STEERED.items():
+        if is_one_of((name,)):
+            raise ActError(f"{node}: the MODEL is of type {kind}, which ComfyUI-ACT does not support yet: {reason}; "
+                           f"it supports {', '.join(SUPPORTED_FAMILIES)}")
     for family in FAMILIES:
         if not is_one_of(family.configs):
             continue

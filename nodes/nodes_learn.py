@@ -5,7 +5,6 @@ import comfy.utils
 from comfy_api.latest import io
 from tqdm import tqdm
 
-import torch
 
 from ..act_core import METHODS, SUPPORTS, TransportMaps, default_support
 from .concept_words import describe, fit_from_collector
@@ -25,7 +24,12 @@ METHOD_DEFAULT = "method default"
 def fit_concept_words(activations) -> TransportMaps:
     """The concept's words (act_core/concept_words.py), from the untouched CLIP's tokens and encodings of
     the collected prompt pairs (source line i with target line i)."""
-    conditioning = fit_from_collector(activations.collector)
+    collector = activations.collector
+    if not collector.spec.one_text_length:
+        raise ActError(f"'the concept's words only' is not available for {collector.family}: its text encoder "
+                       "gives each prompt its own length, which the concept's words are "
+                       "not yet fitted on; set 'moves' to every token alike on Fit Transport Maps")
+    conditioning = fit_from_collector(collector)
     info = dict(activations.info, method="concept words", support="gated", estimation="at once",
                 moves=MOVES[1])
     return TransportMaps({}, info, conditioning=conditioning)

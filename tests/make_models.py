@@ -1,6 +1,6 @@
 """Random-weight Stable Diffusion models built with ComfyUI's own classes (nothing is downloaded).
 
-    tiny_model("SD15" | "SD2" | "SDXL" | "SD3" | "FLUX", seed)
+    tiny_model("SD15" | "SD2" | "SDXL" | "SD3" | "FLUX" | "Chroma" | "Z-Image", seed)
                                                 -> (MODEL, CLIP, VAE) small enough for CPU tests
     write_thin_sd15(folder)                     -> a checkpoint file that CheckpointLoaderSimple
                                                    detects as SD1.5: full-size CLIP-L and VAE, a UNet
@@ -29,6 +29,11 @@ TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads":
              "num_hidden_layers": 3, "projection_dim": 64}
 
 TINY_T5 = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
+
+# Qwen3-4B's layout (its 151,936-token vocabulary, heads of 128) at width 64; Z-Image reads the
+# second-to-last layer's output: three layers keep that meaningful.
+TINY_QWEN3 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "num_key_value_heads": 1}
 
 TINY_VAE = {"params": {"embed_dim": 4, "ddconfig": {
     "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
@@ -78,35 +83,76 @@ def unet_config(family: str, thin: bool = False) -> dict:
                                             "params": {"in_features": 4096, "out_features": 128}}}
     elif family == "FLUX":
         return flux_config()
+    elif family in DETECTED:
+        return DETECTED[family]()
     else:
         raise ValueError(f"no test model for family {family!r}")
     return cfg
+
+
+def detected_config(shapes: dict, image_model: str) -> dict:
+    """What this host's own detection reads from a checkpoint with these keys and shapes (shapes
+    without memory: only the keys detection looks at), so options that later ComfyUI versions added
+    take the values the host gives a real file of the family."""
+    import comfy.model_detection
+    signature = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    cfg = comfy.model_detection.detect_unet_config(signature, "")
+    if cfg is None or cfg.get("image_model") != image_model:
+        raise RuntimeError(f"this ComfyUI does not detect a {image_model} checkpoint from its keys: {cfg}")
+    return cfg
+
+
+def _flux_block_keys(hidden: int, head_dim: int) -> dict:
+    shapes = {"img_in.weight": (hidden, 16 * 2 * 2), "txt_in.weight": (hidden, TINY_T5["d_model"])}
+    for i in range(2):
+        shapes[f"double_blocks.{i}.img_attn.norm.key_norm.scale"] = (head_dim,)
+        shapes[f"single_blocks.{i}.norm.key_norm.scale"] = (head_dim,)
+    return shapes
 
 
 def flux_config() -> dict:
     """A tiny FLUX.1: two double-stream and two single-stream blocks, hidden size 64.
 
     The context is T5's output, the vector input CLIP-L's pooled output (not projected, as ComfyUI's
-    FLUX CLIP gives it). The configuration is what this host's own detection reads from a FLUX.1
-    checkpoint of these shapes (only the keys detection looks at, as shapes without memory), so
-    options that later ComfyUI versions added (0.33's `txt_ids_dims`, `yak_mlp`, ...) take the values
-    the host gives a real FLUX.1 file. Detection hard-codes the full-size attention layout (24 heads of
-    128 over axes 16/56/56, MLP ratio 4), which the keys do not carry: that part is set here.
+    FLUX CLIP gives it). Detection hard-codes the full-size attention layout (24 heads of 128 over
+    axes 16/56/56, MLP ratio 4), which the keys do not carry: that part is set here.
     """
-    import comfy.model_detection
-    hidden, patch, channels, head_dim = 64, 2, 16, 32
-    shapes = {"img_in.weight": (hidden, channels * patch * patch), "txt_in.weight": (hidden, TINY_T5["d_model"]),
-              "vector_in.in_layer.weight": (hidden, TINY_CLIP["hidden_size"]),
-              "guidance_in.in_layer.weight": (hidden, 256)}
-    for i in range(2):
-        shapes[f"double_blocks.{i}.img_attn.norm.key_norm.scale"] = (head_dim,)
-        shapes[f"single_blocks.{i}.norm.key_norm.scale"] = (head_dim,)
-    signature = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
-    cfg = comfy.model_detection.detect_unet_config(signature, "")
-    if cfg is None or cfg.get("image_model") != "flux":
-        raise RuntimeError(f"this ComfyUI does not detect a FLUX.1 checkpoint from its keys: {cfg}")
+    hidden, head_dim = 64, 32
+    shapes = _flux_block_keys(hidden, head_dim)
+    shapes.update({"vector_in.in_layer.weight": (hidden, TINY_CLIP["hidden_size"]),
+                   "guidance_in.in_layer.weight": (hidden, 256)})
+    cfg = detected_config(shapes, "flux")
     cfg.update(axes_dim=[8, 12, 12], num_heads=hidden // head_dim, mlp_ratio=2.0)
     return cfg
+
+
+def chroma_config() -> dict:
+    """A tiny Chroma: FLUX.1's tiny blocks, T5's context, and the small network that makes every
+    block's modulation from the noise level (its 64 inputs are fixed; two layers of 32 here)."""
+    hidden, head_dim = 64, 32
+    shapes = _flux_block_keys(hidden, head_dim)
+    shapes["distilled_guidance_layer.norms.0.scale"] = (32,)
+    cfg = detected_config(shapes, "chroma")
+    cfg.update(axes_dim=[8, 12, 12], num_heads=hidden // head_dim, mlp_ratio=2.0, hidden_dim=32, out_dim=hidden,
+               n_layers=2)
+    return cfg
+
+
+def zimage_config() -> dict:
+    """A tiny Z-Image: one joint block, one noise and one caption refiner block, width 256 (its
+    timestep embedding is 256 wide, so no narrower), heads of 32. Detection knows Z-Image by its
+    full width (3840) only: the host's settings for a full-size file are taken, then narrowed."""
+    full = {"cap_embedder.1.weight": (3840, 2560), "noise_refiner.0.attention.k_norm.weight": (128,),
+            "layers.0.ffn_norm1.weight": (3840,), "cap_pad_token": (1, 3840)}
+    cfg = detected_config(full, "lumina2")
+    cfg.update(dim=256, cap_feat_dim=TINY_QWEN3["hidden_size"], n_heads=8, n_kv_heads=8, axes_dims=[8, 12, 12],
+               n_refiner_layers=1, ffn_dim_multiplier=1.0, multiple_of=32)  # an MLP of 704, not 2048
+    return cfg
+
+
+# Families whose tiny configuration comes from the host's detection, and so does their config class
+# (for Z-Image, detection's choice for the full-size file).
+DETECTED = {"Chroma": chroma_config, "Z-Image": zimage_config}
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
@@ -126,8 +172,15 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
 
 def _model_config(family: str, unet: dict):
     import comfy.supported_models as sm
-    cls = {"SD15": sm.SD15, "SD2": sm.SD20, "SDXL": sm.SDXL, "SD3": sm.SD3, "FLUX": sm.Flux}[family]
-    cfg = cls(unet)
+    import comfy.model_detection
+    if family == "Z-Image":
+        cfg = type(comfy.model_detection.model_config_from_unet_config(dict(unet, dim=3840)))(unet)
+    elif family in DETECTED:
+        # The host's own choice of config class for these settings, as when it loads a file.
+        cfg = comfy.model_detection.model_config_from_unet_config(unet)
+    else:
+        cls = {"SD15": sm.SD15, "SD2": sm.SD20, "SDXL": sm.SDXL, "SD3": sm.SD3, "FLUX": sm.Flux}[family]
+        cfg = cls(unet)
     cfg.set_inference_dtype(torch.float32, None)
     return cfg
 
@@ -165,7 +218,7 @@ def build_clip(cfg, family: str, seed: int, full_size: bool = False):
         options = {"model_name": "clip_h", "clip_h_model_config": dict(TINY_CLIP)}
     else:
         options = {"clip_l_model_config": dict(TINY_CLIP), "clip_g_model_config": dict(TINY_CLIP),
-                   "t5xxl_model_config": dict(TINY_T5)}
+                   "t5xxl_model_config": dict(TINY_T5), "qwen3_4b_model_config": dict(TINY_QWEN3)}
     if family == "SD3":
         # The SD3 config reads which encoders exist from a checkpoint's keys; name them here.
         target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
