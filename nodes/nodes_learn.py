@@ -5,7 +5,6 @@ import comfy.utils
 from comfy_api.latest import io
 from tqdm import tqdm
 
-
 from ..act_core import METHODS, SUPPORTS, TransportMaps, default_support
 from .concept_words import describe, fit_from_collector
 from .collection import SCHEDULES, CollectSettings, Collector, fit_maps, parse_prompts
