@@ -32,7 +32,8 @@ class ApplyTransportMaps(io.ComfyNode):
                                        "prompts' distribution; in between = a proportional dial. Above 1 "
                                        "extrapolates (stronger, may break the image). Below 0 runs the "
                                        "inverse map: pushes the other way (target toward source); it does not "
-                                       "exactly undo strength 1 when chained after it."),
+                                       "exactly undo strength 1 when chained after it. Maps of the concept's "
+                                       "words only take 0 and up: they have no inverse."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Steer from this point of sampling on (0 = the first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,

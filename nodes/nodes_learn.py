@@ -144,11 +144,13 @@ class FitTransportMaps(io.ComfyNode):
                 io.Combo.Input("moves", options=list(MOVES), default=MOVES[0], optional=True,
                                tooltip="every token alike (AcT): the paper's maps on every chosen layer; best for "
                                        "a style or a background. the concept's words only: for an object or an "
-                                       "attribute (remove a colour, a shape, '... without X', change one "
-                                       "object): only the prompt's tokens that look like the concept's move, "
-                                       "each as the most similar source token did in its pair, and prompts "
-                                       "without the concept are left alone. Needs source and target prompts "
-                                       "paired line by line; method, support and estimation are not used."),
+                                       "attribute (no pink elephant, remove a colour or a shape, change one "
+                                       "object): learns which words the source prompts add or change, takes "
+                                       "them out of a prompt that holds them (wherever it puts them) and moves "
+                                       "it toward itself without them; any other prompt, the empty one "
+                                       "included, is left exactly as it is. Pairs may differ in length (Concept "
+                                       "Prompts 'remove'); source line i pairs with target line i. CLIP models "
+                                       "only (SD1.x, SD2.x, SDXL); method, support and estimation are not used."),
             ],
             outputs=[Maps.Output(display_name="maps"), io.String.Output(display_name="summary")],
         )

@@ -121,3 +121,20 @@ def test_the_file_form_keeps_the_map_in_half_precision_and_refuses_damage(elepha
 def test_pairs_that_hold_the_same_words_are_refused():
     with pytest.raises(ValueError, match="same words"):
         fit_concept_words([pair("a house", "a house")] * 4)
+
+
+@pytest.mark.parametrize("width, limit_mb", [(768, 5), (2048, 5)])
+def test_a_64_pair_maps_file_stays_small_at_the_real_widths(width, limit_mb):
+    """64 Concept-Prompts-like pairs encoded at SD1.x's (768) and SDXL's (2048) width and CLIP's 77 tokens:
+    the maps file stays within the goal (float16, at most MAX_TARGETS references)."""
+    from act_core import TransportMaps, maps_to_bytes
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(len(WORDS) + 2, width, generator=g)
+    pairs = []
+    for source, target in concept_pairs(n=64):
+        s_ids, t_ids = list(source.ids) + [EOS] * (77 - T), list(target.ids) + [EOS] * (77 - T)
+        pairs.append(tuple(PairTokens(table[ids] + 0.1 * torch.randn(77, width, generator=g), ids)
+                           for ids in (s_ids, t_ids)))
+    words = fit_concept_words(pairs)
+    size = len(maps_to_bytes(TransportMaps({}, {}, conditioning=words)))
+    assert size <= limit_mb * 2 ** 20, f"{size / 2 ** 20:.1f} MB"
