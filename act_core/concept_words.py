@@ -33,7 +33,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["ConceptWords", "Edit", "PairTokens", "align", "counterparts", "fit_concept_words", "MAX_TARGETS"]
+__all__ = ["ConceptWords", "Edit", "PairTokens", "align", "counterparts", "fit_concept_words", "is_concept_words",
+           "MAX_TARGETS"]
 
 KEPT, DELETED, REPLACED = 0, 1, 2
 # At most this many target tokens are kept as the gate's references: those nearest to the anchors, the
@@ -204,6 +205,12 @@ class ConceptWords:
             raise ValueError("conditioning map edits do not hold the word they start from")
         return cls(t["anchors"].float(), *(t[k].long() for k in ("extents", "replacements")), t["targets"].float(),
                    *(t[k].long() for k in ("words", "context")))
+
+
+def is_concept_words(conditioning) -> bool:
+    """Whether a maps object's conditioning map is this kind (by what it says of itself: a script may load
+    this module under another package name than the node pack does)."""
+    return conditioning is not None and conditioning.spec().get("kind") == "concept words"
 
 
 def _merge(runs: dict[tuple[int, int], tuple[int, ...]]) -> list[Edit]:

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 import torch
 
-from ..act_core.concept_words import ConceptWords
+from ..act_core.concept_words import is_concept_words
 from .concept_words import Remembered, give_back
 from .steering import (_Window, BRANCHES, FOLD_ALL, LEGACY_MODES, MODES, Placement, check_mode, steer_clip_placed,
                        steer_model_placed)
@@ -93,7 +93,7 @@ class ApplyTransportMaps(io.ComfyNode):
         # The concept's words move the prompt as the CLIP encodes it, where neither the branch nor the step
         # is known: the diffusion model gives the rows it must not steer their untouched conditioning back.
         remembered = None
-        if isinstance(maps.conditioning, ConceptWords) and clip is not None and strength != 0.0 \
+        if is_concept_words(maps.conditioning) and clip is not None and strength != 0.0 \
                 and (branch != BRANCHES[0] or start_percent > 0.0 or end_percent < 1.0):
             remembered = Remembered()
             give_back(steered_model, remembered, _steered_rows(model, start_percent, end_percent, branch))

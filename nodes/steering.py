@@ -40,7 +40,7 @@ import torch
 
 from ..act_core import LayerMap, TransportMaps, check_strength, kernels
 from ..act_core.modules import Hook, hooks_installed
-from ..act_core.concept_words import ConceptWords
+from ..act_core.concept_words import is_concept_words
 from .concept_words import steer_words
 from .patching import original_or_patched
 from .folding import HookFold, LaterPatchCheck, fold_patches, folds_exactly, has_weight_and_bias, shift_patch
@@ -288,7 +288,7 @@ def steer_clip_placed(clip, maps: TransportMaps, strength: float, mode: str = EX
     check_maps_fit(TransportMaps(layers, {}), clip=clip)
     patched = clip.clone()
     conditioning = getattr(maps, "conditioning", None)
-    if strength != 0.0 and isinstance(conditioning, ConceptWords):
+    if strength != 0.0 and is_concept_words(conditioning):
         steer_words(patched, clip, conditioning, strength, remembered)
     elif strength != 0.0 and conditioning is not None:  # a gated token map of a version 3 or 4 file
         _steer_conditioning(patched, clip, conditioning, strength)
