@@ -101,8 +101,8 @@ class HookFold:
     hook(folded weight) = folded + delta; the method moves the hooked layer's output, which is
     folded + slope-scaled delta. Where a hook changed a folded key, the delta is scaled here, from
     ComfyUI's backup of the unhooked (folded) weight. Exact for additive hook patches (LoRA, diff).
-    Layers patched per call (LowVramPatch in the module's weight function) fold on top of the hook
-    already and are left alone."""
+    Layers patched per call (a LowVramPatch in the module's weight function, or in its lowvram function
+    with dynamic VRAM) fold on top of the hook already and are left alone."""
 
     def __init__(self, rows: dict[str, torch.Tensor]):
         self.rows = rows  # key -> 1 + |lambda| (scale - 1), float32 [D]
@@ -116,7 +116,10 @@ class HookFold:
                 continue
             module_name, _, param = key.rpartition(".")
             module = comfy.utils.get_attr(patcher.model, module_name)
-            functions = getattr(module, "weight_function" if param == "weight" else "bias_function", [])
+            # Partial loading lists the LowVramPatch among the weight functions; dynamic VRAM (ComfyUI
+            # 0.33 and later) keeps it apart, in <param>_lowvram_function.
+            functions = [*(getattr(module, f"{param}_function", None) or []),
+                         getattr(module, f"{param}_lowvram_function", None)]
             if any(isinstance(f, comfy.model_patcher.LowVramPatch) for f in functions):
                 continue
             current = comfy.utils.get_attr(patcher.model, key)

@@ -66,3 +66,38 @@ def test_folded_weights_patched_per_call_equal_the_weights_patched_in_place(pack
         in_place = comfy.lora.calculate_weight(steered.patches[key], weight.clone(), key)
         assert not torch.equal(in_place, weight), key  # the fold moves this weight
         torch.testing.assert_close(prepared_per_call(key, steered.patches, weight), in_place, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_call", [None, "weight_function", "weight_lowvram_function"])
+def test_a_hooked_weight_patched_per_call_is_left_to_the_per_call_patch(pack, sd15, norm_and_linear_maps, per_call):
+    """A hook LoRA changed a folded weight (ComfyUI kept the unhooked weight in hook_backup). Loaded
+    whole, the fold's callback scales the hook's change by the map's slope; patched per call, the fold
+    is computed on top of the hooked weight already and a second scaling would be wrong. ComfyUI puts
+    the per-call patch in `weight_function` when partially loading and in `weight_lowvram_function`
+    with dynamic VRAM."""
+    import comfy.patcher_extension
+    import comfy.utils
+    model, _, _ = sd15
+    steered, placement = pack.nodes.steering.steer_model_placed(model, norm_and_linear_maps, 0.8)
+    name = next(n for n in placement.folded if n.endswith("attn1.to_out.0"))
+    key, module = f"{name}.weight", comfy.utils.get_attr(steered.model, name)
+    (fold_hooks,) = steered.get_all_callbacks(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS)
+    unhooked = module.weight.detach().clone()
+    hook_change = 0.01 * torch.ones_like(unhooked)
+    saved = {attribute: getattr(module, attribute, None) for attribute in ("weight_function", "weight_lowvram_function")}
+    try:
+        steered.hook_backup[key] = (unhooked.clone(), unhooked.device)
+        module.weight.data += hook_change
+        if per_call is not None:
+            setattr(module, per_call, comfy.model_patcher.LowVramPatch(key, steered.patches))
+            if per_call == "weight_function":
+                module.weight_function = [module.weight_function]
+        fold_hooks(steered, None)
+        slope = 1 + 0.8 * (norm_and_linear_maps[name].scale - 1)
+        expected = unhooked + (hook_change if per_call else slope[:, None] * hook_change)
+        torch.testing.assert_close(module.weight.detach(), expected)
+    finally:
+        steered.hook_backup.pop(key, None)
+        module.weight.data.copy_(unhooked)
+        for attribute, value in saved.items():
+            setattr(module, attribute, value)
