@@ -248,6 +248,13 @@ def _steer_conditioning(patched, clip, conditioning, strength: float) -> None:
     patched.patcher.add_object_patch("encode_token_weights", encode)
 
 
+def _rounding_dtype(patcher, module: torch.nn.Module) -> torch.dtype:
+    """The less precise of the dtype a folded bias is stored in and the one the model computes in."""
+    stored = module.bias.dtype
+    computed = getattr(patcher.model, "manual_cast_dtype", None) or stored
+    return max((stored, computed), key=lambda dtype: torch.finfo(dtype).eps)
+
+
 def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold: bool,
           mean_shift: bool = False) -> Placement:
     """Fold into weight patches on `patcher` what the mode folds; the rest is left to run per step.
@@ -267,7 +274,8 @@ def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold
             # A fold moves the layer's output before an earlier object patch's change, which the method
             # moves after it: only layers nothing else wraps fold.
             clear = not _wrapped(patcher, name) and not any(k in patcher.weight_wrapper_patches for k in keys)
-            split = layer.mean_shift_fold(strength) if clear and mean_shift else None
+            split = (layer.mean_shift_fold(strength, _rounding_dtype(patcher, modules[name]))
+                     if clear and mean_shift else None)
             if split is not None:
                 shifts.update(shift_patch(name, split[0]))
                 placement.shift_folded[name] = split[1]
