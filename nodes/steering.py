@@ -16,8 +16,8 @@ folded: the map becomes weight patches on the layer (nodes/folding.py, the same 
        then scale every pixel instead of moving the channel mean, and support ranges are ignored.
 per step: diffusion model: an object patch on the .forward of each such layer (wrapping the layer's
        forward and transporting its output) and one on "diffusion_model.forward" that tells them,
-       per call, whether this call is steered and which batch rows to move. The per-call state is
-       a stack, so that a diffusion-model call made inside another (a patch that runs the model
+       per call, whether this call is steered and which batch rows to move (nodes/per_step.py).
+       The per-call state is a stack per thread, so that a diffusion-model call made inside another (a patch that runs the model
        again) is steered on its own terms and the outer call resumes as it was. ComfyUI sets object
        patches when it loads this clone and restores the originals when another clone is loaded, so
        no other clone of the shared nn.Module is touched; per step the cost is one Python call and
