@@ -20,7 +20,8 @@ Where the kernel cannot run, `transport` uses `reference_transport`: LayerMap.ap
 bit for bit, in the fewest PyTorch kernels it takes (casts folded into the arithmetic, the gate as a
 clamp and a comparison, parameters settled once per device and dtype), for CPUs, MPS and GPUs without
 Triton. A kernel that fails to compile or launch (Triton installed without a working compiler, an old
-driver) switches its configuration to that path with one logged warning, never an error in sampling.
+driver) switches its configuration to that path with one logged warning, never an error in sampling;
+an out-of-memory error is not such a failure and reaches the caller.
 
 With TRITON_INTERPRET=1 set before Triton is imported, the same kernels run on CPU tensors through
 Triton's interpreter (slowly): that is how the tests check them against the reference without a GPU.
@@ -333,6 +334,10 @@ def transport(layer: LayerMap, strength: float, fast: bool = True,
                 layer.check_shape(x)
                 try:
                     return _launch_on_device(layer, x, params)
+                except torch.OutOfMemoryError:
+                    # A full card, not a broken kernel: ComfyUI's own handling (free models, retry or
+                    # tell the user) takes it, and the kernel stays on for the next call.
+                    raise
                 except Exception as error:  # noqa: BLE001  (any compile/launch failure: Triton's types vary)
                     path.fail(config, error)
         return reference(x)

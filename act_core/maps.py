@@ -121,7 +121,8 @@ class LayerMap:
         form), so that, ungated, it folds exactly into the weights of the layer producing it."""
         return self.kind == "token" or self.form == "pixel"
 
-    def mean_shift_fold(self, strength: float) -> tuple[torch.Tensor, "LayerMap"] | None:
+    def mean_shift_fold(self, strength: float, dtype: torch.dtype = torch.float32
+                        ) -> tuple[torch.Tensor, "LayerMap"] | None:
         """For an ungated conv map of the mean form: (c, rest) such that adding c [D] to the output of
         the layer (to a norm's bias) and then running `rest` at strength 1 is this map at `strength`.
 
@@ -129,10 +130,17 @@ class LayerMap:
         mean of the output y, the map gives y' = y + a m + b. Folding c = b / (1 + a) gives
         y_f = y + c, whose mean is m + c, and y_f + a mean(y_f) = y + a m + (1 + a) c = y': exactly the
         map, with only the mean's slope left to run (rest: slope a, no shift). None where this does
-        not hold or costs precision: other kinds and forms, a support range, or a channel with
-        |1 + a| < 1/4 (c would grow beyond 4 |b|, and the folded bias carry the rounding of that)."""
+        not hold or costs precision: other kinds and forms, a support range, a channel with
+        |1 + a| < 1/4 (c would grow beyond 4 |b|, and the folded bias carry the rounding of that), or
+        a layer whose bias or output is rounded to fp16/bf16 (`dtype`: the less precise of the two).
+        There the folded bias and the norm's output y + c are each rounded in that dtype, where per
+        step only the map's result is: measured against float64 the fold was worse at every |1 + a|
+        from 0.26 to 2 (fp16, shift 8: 0.022 against 0.005 at 0.26, 0.0095 against 0.0051 at 2), and
+        on a GPU the per-step kernel moves the mean with or without the shift at the same cost."""
         strength = check_strength(strength)
         if strength == 0.0 or self.kind != "conv" or self.form != "mean":
+            return None
+        if dtype not in (torch.float32, torch.float64):
             return None
         source = self.inverse() if strength < 0 else self
         if source.gated:

@@ -27,18 +27,32 @@ log = logging.getLogger("comfyui_act")
 
 class FoldedMap(WeightAdapterBase):
     """A weight patch: weight' = weight + strength * (slope * weight [+ shift]), per output row; with no
-    slope, a bias shift alone: bias' = bias + strength * shift (a mean-form map's folded shift)."""
+    slope, a bias shift alone: bias' = bias + strength * shift (a mean-form map's folded shift).
+
+    Built as ComfyUI builds its own adapters, from (loaded_keys, weights): with dynamic VRAM, ComfyUI
+    copies each patch's tensors to the device per call and rebuilds the patch as
+    type(patch)(patch.loaded_keys, copied weights). weights is [slope, shift], either one None."""
 
     name = "act_transport_fold"
 
-    def __init__(self, slope: torch.Tensor | None, shift: torch.Tensor | None):
-        self.loaded_keys = set()
-        self.slope = None if slope is None else slope.detach().to(torch.float32).contiguous()
-        self.shift = None if shift is None else shift.detach().to(torch.float32).contiguous()
-        self.weights = [t for t in (self.slope, self.shift) if t is not None]
+    def __init__(self, loaded_keys: set, weights: list):
+        self.loaded_keys = loaded_keys
+        self.weights = list(weights)
+
+    @classmethod
+    def of(cls, slope: torch.Tensor | None, shift: torch.Tensor | None) -> "FoldedMap":
+        return cls(set(), [None if t is None else t.detach().to(torch.float32).contiguous() for t in (slope, shift)])
+
+    @property
+    def slope(self) -> torch.Tensor | None:
+        return self.weights[0]
+
+    @property
+    def shift(self) -> torch.Tensor | None:
+        return self.weights[1]
 
     def bytes_held(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights)
+        return sum(t.numel() * t.element_size() for t in self.weights if t is not None)
 
     def calculate_shape(self, key):  # the weight keeps its shape (ComfyUI 0.33 asks)
         return None
@@ -61,12 +75,12 @@ def fold_patches(layer: LayerMap, name: str, strength: float) -> dict[str, Folde
     patch strength is |strength| (the inverse map is folded for strength < 0)."""
     source = layer.inverse() if strength < 0 else layer
     slope = source.scale - 1.0
-    return {f"{name}.weight": FoldedMap(slope, None), f"{name}.bias": FoldedMap(slope, source.shift)}
+    return {f"{name}.weight": FoldedMap.of(slope, None), f"{name}.bias": FoldedMap.of(slope, source.shift)}
 
 
 def shift_patch(name: str, shift: torch.Tensor) -> dict[str, FoldedMap]:
     """The bias patch (added at patch strength 1) that adds `shift` to module `name`'s output."""
-    return {f"{name}.bias": FoldedMap(None, shift)}
+    return {f"{name}.bias": FoldedMap.of(None, shift)}
 
 
 def has_weight_and_bias(module: torch.nn.Module, dim: int) -> bool:
@@ -87,8 +101,8 @@ class HookFold:
     hook(folded weight) = folded + delta; the method moves the hooked layer's output, which is
     folded + slope-scaled delta. Where a hook changed a folded key, the delta is scaled here, from
     ComfyUI's backup of the unhooked (folded) weight. Exact for additive hook patches (LoRA, diff).
-    Layers patched per call (LowVramPatch in the module's weight function) fold on top of the hook
-    already and are left alone."""
+    Layers patched per call (a LowVramPatch in the module's weight function, or in its lowvram function
+    with dynamic VRAM) fold on top of the hook already and are left alone."""
 
     def __init__(self, rows: dict[str, torch.Tensor]):
         self.rows = rows  # key -> 1 + |lambda| (scale - 1), float32 [D]
@@ -102,7 +116,10 @@ class HookFold:
                 continue
             module_name, _, param = key.rpartition(".")
             module = comfy.utils.get_attr(patcher.model, module_name)
-            functions = getattr(module, "weight_function" if param == "weight" else "bias_function", [])
+            # Partial loading lists the LowVramPatch among the weight functions; dynamic VRAM (ComfyUI
+            # 0.33 and later) keeps it apart, in <param>_lowvram_function.
+            functions = [*(getattr(module, f"{param}_function", None) or []),
+                         getattr(module, f"{param}_lowvram_function", None)]
             if any(isinstance(f, comfy.model_patcher.LowVramPatch) for f in functions):
                 continue
             current = comfy.utils.get_attr(patcher.model, key)

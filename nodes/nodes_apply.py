@@ -10,7 +10,8 @@ import torch
 
 from ..act_core.concept_words import is_concept_words
 from .concept_words import Remembered, give_back
-from .steering import (_Window, BRANCHES, FOLD_ALL, LEGACY_MODES, MODES, Placement, check_mode, steer_clip_placed,
+from .per_step import Window
+from .steering import (BRANCHES, FOLD_ALL, LEGACY_MODES, MODES, Placement, check_mode, steer_clip_placed,
                        steer_model_placed)
 from .types import CATEGORY, Maps
 
@@ -110,14 +111,15 @@ class ApplyTransportMaps(io.ComfyNode):
 
 def _steered_rows(model, start_percent: float, end_percent: float, branch: str):
     """(args, kwargs) of a diffusion-model call -> the batch rows it steers (None: all of them)."""
-    window = _Window(model.model, start_percent, end_percent)
+    window = Window(start_percent, end_percent)
     whole = start_percent == 0.0 and end_percent == 1.0
 
     def rows(args: tuple, kwargs: dict):
         options = kwargs.get("transformer_options") or {}
         x = args[0] if args else kwargs.get("x")
         sigmas = options.get("sigmas")
-        if not whole and sigmas is not None and not window.contains(float(sigmas.flatten()[0])):
+        if not whole and sigmas is not None and not window.contains(float(sigmas.flatten()[0]),
+                                                                    model.model.model_sampling):
             return torch.zeros(0, dtype=torch.long)
         if branch == BRANCHES[0]:
             return None

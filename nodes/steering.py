@@ -16,8 +16,8 @@ folded: the map becomes weight patches on the layer (nodes/folding.py, the same 
        then scale every pixel instead of moving the channel mean, and support ranges are ignored.
 per step: diffusion model: an object patch on the .forward of each such layer (wrapping the layer's
        forward and transporting its output) and one on "diffusion_model.forward" that tells them,
-       per call, whether this call is steered and which batch rows to move. The per-call state is
-       a stack, so that a diffusion-model call made inside another (a patch that runs the model
+       per call, whether this call is steered and which batch rows to move (nodes/per_step.py).
+       The per-call state is a stack per thread, so that a diffusion-model call made inside another (a patch that runs the model
        again) is steered on its own terms and the outer call resumes as it was. ComfyUI sets object
        patches when it loads this clone and restores the originals when another clone is loaded, so
        no other clone of the shared nn.Module is touched; per step the cost is one Python call and
@@ -41,6 +41,7 @@ import torch
 from ..act_core import LayerMap, TransportMaps, check_strength, kernels
 from ..act_core.modules import Hook, hooks_installed
 from ..act_core.concept_words import is_concept_words
+from . import per_step
 from .concept_words import steer_words
 from .patching import original_or_patched
 from .folding import HookFold, LaterPatchCheck, fold_patches, folds_exactly, has_weight_and_bias, shift_patch
@@ -112,57 +113,6 @@ def _steered_forward(inner: Callable, hooks_for_call: Callable[[tuple, dict], li
     return forward
 
 
-class _CallState:
-    """Whether the current diffusion-model call is steered, and which batch rows (None: all). Entered
-    and left once per call; a call inside a call pushes its own state and restores the outer one."""
-
-    def __init__(self):
-        self.active = False
-        self.rows: torch.Tensor | None = None
-        self._outer: list[tuple[bool, torch.Tensor | None]] = []
-        self._index_cache: dict = {}
-
-    def enter(self, active: bool, rows: torch.Tensor | None) -> None:
-        self._outer.append((self.active, self.rows))
-        self.active, self.rows = active, rows
-
-    def leave(self) -> None:
-        self.active, self.rows = self._outer.pop()
-
-    def conditional_rows(self, transformer_options: dict, batch: int, device: torch.device) -> torch.Tensor:
-        """Rows of the batch that belong to the conditional branch (cond_or_uncond marks 0 = cond), as
-        an index on the activations' device, built once per batch layout rather than once per call."""
-        chunks = tuple(transformer_options.get("cond_or_uncond") or [0])
-        key = (chunks, batch, device)
-        rows = self._index_cache.get(key)
-        if rows is None:
-            size = batch // len(chunks)
-            rows = torch.tensor([i for c, kind in enumerate(chunks) if kind == 0
-                                 for i in range(c * size, (c + 1) * size)], dtype=torch.long, device=device)
-            self._index_cache[key] = rows
-        return rows
-
-
-class _Window:
-    """The sampling window as sigmas, from the model_sampling of the model being sampled, recomputed
-    only when that object changes (a ModelSampling node after Apply replaces it)."""
-
-    def __init__(self, base_model, start_percent: float, end_percent: float):
-        self.base_model = base_model
-        self.start_percent, self.end_percent = start_percent, end_percent
-        self._sampling = None
-        self._sigmas = (0.0, 0.0)
-
-    def contains(self, sigma: float) -> bool:
-        sampling = self.base_model.model_sampling
-        if sampling is not self._sampling:
-            self._sigmas = (float(sampling.percent_to_sigma(self.start_percent)),
-                            float(sampling.percent_to_sigma(self.end_percent)))
-            self._sampling = sampling
-        sigma_start, sigma_end = self._sigmas
-        return sigma_end <= sigma <= sigma_start
-
-
 def steer_model(model, maps: TransportMaps, strength: float, start_percent: float = 0.0,
                 end_percent: float = 1.0, branch: str = BRANCHES[0], mode: str = EXACT, fold: bool = True):
     """A clone of MODEL whose diffusion-model activations are transported with `strength`.
@@ -174,6 +124,7 @@ def steer_model_placed(model, maps: TransportMaps, strength: float, start_percen
                        end_percent: float = 1.0, branch: str = BRANCHES[0], mode: str = EXACT,
                        fold: bool = True) -> tuple:
     """steer_model, and the Placement of its layers."""
+    import comfy.patcher_extension
     strength = check_strength(strength)
     mode = check_mode(mode)
     if branch not in BRANCHES:
@@ -195,27 +146,34 @@ def steer_model_placed(model, maps: TransportMaps, strength: float, start_percen
             log.warning("ComfyUI-ACT: folding cannot limit the sampling window or the branch; "
                         "the diffusion model is steered per step (exact)")
         placement = Placement(per_step=list(layers))
+    if not placement.per_step:
+        return patched, placement
+    # Nothing below is bound to the modules of `model`: ComfyUI may set these patches on another copy
+    # of the model (nodes/per_step.py), so each resolves its layer in the model running at the call.
+    state = per_step.CallState(model.model)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "comfyui_act",
+                                 per_step.running_model_wrapper(state))
     for name, rest in placement.shift_folded.items():
         # The norm's bias now holds the shift, so this layer's output is only right with the rest run
         # on it: at every call of the layer, steered or not (the fold acts in every call too).
         key = f"{name}.forward"
-        inner = original_or_patched(patched, key, modules[name], "forward")
-        patched.add_object_patch(key, _moved_forward(inner, kernels.transport(rest, 1.0)))
+        inner = per_step.layer_call(name, patched.object_patches.get(key), state)
+        patched.add_object_patch(key, per_step.moved_forward(inner, kernels.transport(rest, 1.0)))
     layers = {n: layers[n] for n in placement.per_step if n not in placement.shift_folded}
     if not layers:
         return patched, placement
 
-    window = None if whole_window else _Window(model.model, start_percent, end_percent)
-    state = _CallState()
+    window = None if whole_window else per_step.Window(start_percent, end_percent)
     for name, layer in layers.items():
         key = f"{name}.forward"
-        inner = original_or_patched(patched, key, modules[name], "forward")
-        patched.add_object_patch(key, _transported_forward(inner, kernels.transport(layer, strength), state))
+        inner = per_step.layer_call(name, patched.object_patches.get(key), state)
+        patched.add_object_patch(key, per_step.transported_forward(inner, kernels.transport(layer, strength), state))
 
     def call_state(args: tuple, kwargs: dict) -> tuple[bool, torch.Tensor | None]:
         options = kwargs.get("transformer_options") or {}
         sigmas = options.get("sigmas")
-        if window is not None and sigmas is not None and not window.contains(float(sigmas.flatten()[0])):
+        if window is not None and sigmas is not None and not window.contains(
+                float(sigmas.flatten()[0]), state.running().model_sampling):
             return False, None
         if branch == BRANCHES[0]:
             return True, None
@@ -225,52 +183,9 @@ def steer_model_placed(model, maps: TransportMaps, strength: float, start_percen
         return (True, rows) if rows.numel() else (False, None)
 
     key = "diffusion_model.forward"
-    dm = model.model.diffusion_model
-    inner = original_or_patched(patched, key, dm, "forward")
-    patched.add_object_patch(key, _call_scoped_forward(inner, call_state, state))
+    inner = per_step.layer_call("diffusion_model", patched.object_patches.get(key), state)
+    patched.add_object_patch(key, per_step.call_scoped_forward(inner, call_state, state))
     return patched, placement
-
-
-def _transported_forward(inner: Callable, move: Callable[[torch.Tensor], torch.Tensor], state: _CallState):
-    """A layer's forward that transports its output while `state` says the current call is steered."""
-    def forward(*args, **kwargs):
-        output = inner(*args, **kwargs)
-        if not state.active:
-            return output
-        if not isinstance(output, torch.Tensor):
-            raise ActError(f"a mapped layer returned {type(output).__name__}, not a tensor; these maps do not fit "
-                           "this model: fit maps on it with Fit Transport Maps")
-        rows = state.rows
-        if rows is None:
-            return move(output)
-        moved = output.clone()
-        moved[rows] = move(output[rows])
-        return moved
-    return forward
-
-
-def _moved_forward(inner: Callable, move: Callable[[torch.Tensor], torch.Tensor]):
-    """A layer's forward that transports its output at every call."""
-    def forward(*args, **kwargs):
-        output = inner(*args, **kwargs)
-        if not isinstance(output, torch.Tensor):
-            raise ActError(f"a mapped layer returned {type(output).__name__}, not a tensor; these maps do not fit "
-                           "this model: fit maps on it with Fit Transport Maps")
-        return move(output)
-    return forward
-
-
-def _call_scoped_forward(inner: Callable, call_state: Callable[[tuple, dict], tuple], state: _CallState):
-    """The diffusion model's forward, with the layers' state set for this call and the caller's state
-    restored after it, so that the layers never move anything outside a call of this clone (an
-    interrupt included) and a nested call leaves the outer call's steering as it was."""
-    def forward(*args, **kwargs):
-        state.enter(*call_state(args, kwargs))
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            state.leave()
-    return forward
 
 
 def steer_clip(clip, maps: TransportMaps, strength: float, mode: str = EXACT, fold: bool = True):
@@ -332,6 +247,13 @@ def _steer_conditioning(patched, clip, conditioning, strength: float) -> None:
     patched.patcher.add_object_patch("encode_token_weights", encode)
 
 
+def _rounding_dtype(patcher, module: torch.nn.Module) -> torch.dtype:
+    """The less precise of the dtype a folded bias is stored in and the one the model computes in."""
+    stored = module.bias.dtype
+    computed = getattr(patcher.model, "manual_cast_dtype", None) or stored
+    return max((stored, computed), key=lambda dtype: torch.finfo(dtype).eps)
+
+
 def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold: bool,
           mean_shift: bool = False) -> Placement:
     """Fold into weight patches on `patcher` what the mode folds; the rest is left to run per step.
@@ -351,7 +273,8 @@ def _fold(patcher, layers: dict, modules: dict, strength: float, mode: str, fold
             # A fold moves the layer's output before an earlier object patch's change, which the method
             # moves after it: only layers nothing else wraps fold.
             clear = not _wrapped(patcher, name) and not any(k in patcher.weight_wrapper_patches for k in keys)
-            split = layer.mean_shift_fold(strength) if clear and mean_shift else None
+            split = (layer.mean_shift_fold(strength, _rounding_dtype(patcher, modules[name]))
+                     if clear and mean_shift else None)
             if split is not None:
                 shifts.update(shift_patch(name, split[0]))
                 placement.shift_folded[name] = split[1]

@@ -6,6 +6,7 @@ import torch
 
 from act_core import LayerMap, TransportMaps
 from conftest import patch_state, sample
+from steering_reference import hooked, ungated
 from test_learn import collect, fit
 
 BOTH = "conditional and unconditional"
@@ -54,17 +55,29 @@ def test_inputs_are_never_mutated(pack, sd15, maps_sd15):
     assert set(m.object_patches) - set(model.object_patches)  # the steering went onto the clone
 
 
+def close_to(result, reference, plain) -> bool:
+    """result equals the reference to the folds' float32 rounding (test_folding.assert_close's bound),
+    far closer than steering moves the latent."""
+    moved = (reference - plain).abs().max().item()
+    error = (result - reference).abs().max().item()
+    assert moved > 1e-2, moved
+    return error <= 1e-4 * max(1.0, reference.abs().max().item()) and error <= 1e-2 * moved
+
+
 def test_two_apply_nodes_chain_and_compose(pack, sd15, maps_sd15):
+    """The second node's maps act on what the first node's maps made, as the graph reads, against the
+    hand-written reference (a reversed chain or a dropped first node is far outside its bound)."""
     model, clip, _ = sd15
-    second = TransportMaps({n: LayerMap(torch.full_like(l.scale, 0.9), l.shift * 0 + 0.05, l.lo * 0 - float("inf"),
-                                        l.hi * 0 + float("inf"), l.kind) for n, l in maps_sd15.items()}, maps_sd15.info)
-    m1, c1 = apply(pack, model, maps_sd15, 1.0, clip)
-    chained_off, chained_off_clip = apply(pack, m1, second, 0.0, c1)
-    assert torch.equal(sample(chained_off, chained_off_clip), sample(m1, c1))
-    m2, c2 = apply(pack, m1, second, 1.0, c1)
-    only_second, only_second_clip = apply(pack, model, second, 1.0, clip)
-    both = sample(m2, c2)
-    assert not torch.equal(both, sample(m1, c1)) and not torch.equal(both, sample(only_second, only_second_clip))
+    first = ungated(maps_sd15)
+    second = TransportMaps({n: LayerMap(torch.full_like(l.scale, 0.9), l.shift * 0 + 0.05, l.lo, l.hi, l.kind,
+                                        form=l.form) for n, l in first.items()}, first.info)
+    m1, _ = apply(pack, model, first, 1.0)
+    chained_off, _ = apply(pack, m1, second, 0.0)
+    assert torch.equal(sample(chained_off, clip), sample(m1, clip))
+    both = sample(apply(pack, m1, second, 1.0)[0], clip)
+    plain = sample(model, clip)
+    assert close_to(both, sample(hooked(model, [(first, 1.0), (second, 1.0)]), clip), plain)
+    assert not close_to(both, sample(hooked(model, [(second, 1.0), (first, 1.0)]), clip), plain)
 
 
 def test_composes_with_a_lora_style_weight_patch(pack, sd15, maps_sd15):
@@ -96,24 +109,29 @@ def test_fused_matches_exact_for_ungated_token_maps(pack, sd15):
     assert not fused_model.object_patches and fused_model.patches  # folded, nothing hooked
 
 
-def test_sampling_window_and_branch_change_the_result(pack, sd15, maps_sd15):
+def test_sampling_window_and_branch_steer_what_the_reference_steers(pack, sd15, maps_sd15):
     model, clip, _ = sd15
-    full = sample(apply(pack, model, maps_sd15, 1.0)[0], clip)
-    late = sample(apply(pack, model, maps_sd15, 1.0, start=0.5)[0], clip)
-    cond_only = sample(apply(pack, model, maps_sd15, 1.0, branch="conditional only")[0], clip)
+    maps = ungated(maps_sd15)
     plain = sample(model, clip)
-    for variant in (late, cond_only):
-        assert not torch.equal(variant, full) and not torch.equal(variant, plain)
-    never = sample(apply(pack, model, maps_sd15, 1.0, start=1.0, end=1.0)[0], clip)
+    late = sample(apply(pack, model, maps, 1.0, start=0.5)[0], clip)
+    assert close_to(late, sample(hooked(model, [(maps, 1.0)], start=0.5), clip), plain)
+    early = sample(apply(pack, model, maps, 1.0, end=0.5)[0], clip)
+    assert close_to(early, sample(hooked(model, [(maps, 1.0)], end=0.5), clip), plain)
+    cond_only = sample(apply(pack, model, maps, 1.0, branch="conditional only")[0], clip)
+    assert close_to(cond_only, sample(hooked(model, [(maps, 1.0)], conditional_only=True), clip), plain)
+    never = sample(apply(pack, model, maps, 1.0, start=1.0, end=1.0)[0], clip)
     assert torch.equal(never, plain)
 
 
 def test_negative_strength_runs_the_inverse(pack, sd15, maps_sd15):
+    """Strength -1 is the textbook inverse (z - shift) / scale of every map, folded or per step."""
     model, clip, _ = sd15
+    maps = ungated(maps_sd15)
     plain = sample(model, clip)
-    removed = sample(apply(pack, model, maps_sd15, -1.0)[0], clip)
-    added = sample(apply(pack, model, maps_sd15, 1.0)[0], clip)
-    assert not torch.equal(removed, plain) and not torch.equal(removed, added)
+    removed = sample(apply(pack, model, maps, -1.0)[0], clip)
+    assert close_to(removed, sample(hooked(model, [(maps, -1.0)]), clip), plain)
+    half = sample(apply(pack, model, maps, -0.5)[0], clip)
+    assert close_to(half, sample(hooked(model, [(maps, -0.5)]), clip), plain)
 
 
 def test_maps_of_another_family_are_refused_by_name(pack, sd15, maps_sdxl):

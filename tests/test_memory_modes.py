@@ -231,8 +231,9 @@ def test_a_bf16_model_is_steered_in_its_own_dtype(pack, sd15_bf16, strong_maps, 
     plain = sample(model, clip)
     assert torch.equal(sample(apply(pack, model, unet_maps, 0.0, None, mode)[0], clip), plain)
     steered = sample(apply(pack, model, unet_maps, 0.8, None, mode)[0], clip)
-    exact = sample(apply(pack, model, unet_maps, 0.8, None, "exact")[0], clip)
+    # The reference: every map run per step on its layer's output, nothing folded.
+    reference = sample(pack.nodes.steering.steer_model(model, unet_maps, 0.8, fold=False), clip)
     assert torch.isfinite(steered).all() and not close(steered, plain, 1e-2)
-    # Fused rounds the folded weights to bf16: a difference far below what steering changes.
+    # Both modes round the folded weights to bf16: a difference far below what steering changes.
     rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
-    assert rms(steered - exact) < 0.1 * rms(exact - plain)
+    assert rms(steered - reference) < 0.1 * rms(reference - plain)
