@@ -10,10 +10,11 @@ and the token id at each position:
    counterpart are deleted words; source words that other words took the place of are replaced words.
    Both are the concept's words: each becomes an anchor, with the extent of its edit (the deleted or
    replaced run, as offsets from the word) and, for a replaced word, the ids that replaced the run.
-2. The gate. A token is the concept's when its activation is nearer to an anchor than to every target
-   token (the references). A prompt with no such token is not touched: the same tensor comes back.
-3. The edit. Each of the concept's tokens edits the prompt as its nearest anchor was edited in its pair:
-   the same run around it is deleted, or replaced by the same ids. The host encodes the edited prompt
+2. The gate. A token is the concept's when it is one of the concept's own words and its activation is
+   nearer to an anchor than to every target token (the references). A prompt with no such token is not
+   touched: the same tensor comes back.
+3. The edit. Each of the concept's tokens edits the prompt as the same word was most often edited in the
+   pairs: the same run around it is deleted, or replaced by the same ids. The host encodes the edited prompt
    with the same text encoder (it is the prompt the user would have written without the concept).
 4. The move. Each token of the prompt moves toward its counterpart in the edited prompt (aligned by the
    same diff): a kept word toward itself without the concept's influence, a replaced word toward its
@@ -120,28 +121,24 @@ class ConceptWords:
         bounds the (first, last+1) positions of its words in each chunk (an edit never crosses a chunk or
         touches its start, end or padding tokens). [] when no token is the concept's."""
         concept, nearest = self.concept_tokens(x)
-        flagged = [p for p in concept.nonzero().flatten().tolist()
-                   if any(a <= p < b for a, b in bounds)]
-        # A token that is one of the learned words edits the prompt as that word was edited; another
-        # token the gate flags (a word the fit never edited, near one it did) only where no learned
-        # word is in the prompt.
+        # Only the concept's own words open the gate: a word the fit never edited is never taken out, however
+        # near an anchor it sits (the start token or 'purple' beside learned 'cross' tokens, where the
+        # references kept do not surround them).
         known = set(self.words[:, 0].tolist())
-        own = [p for p in flagged if int(ids[p]) in known]
         runs: dict[tuple[int, int], tuple[int, ...]] = {}
-        for position in own or flagged:
-            chunk = next((a, b) for a, b in bounds if a <= position < b)
-            start, end, ids_in = self._run(int(nearest[position]), position, ids, chunk, bool(own))
-            runs[(start, end)] = ids_in
+        for position in concept.nonzero().flatten().tolist():
+            chunk = next(((a, b) for a, b in bounds if a <= position < b), None)
+            if chunk is not None and int(ids[position]) in known:
+                start, end, ids_in = self._run(int(nearest[position]), position, ids, chunk)
+                runs[(start, end)] = ids_in
         return _merge(runs)
 
-    def _run(self, k: int, position: int, ids: Sequence[int], chunk: tuple[int, int],
-             by_id: bool) -> tuple[int, int, tuple]:
+    def _run(self, k: int, position: int, ids: Sequence[int], chunk: tuple[int, int]) -> tuple[int, int, tuple]:
         """The edit around `position` for nearest anchor k: of the edits learned for the same word, the
         most common whose first and last words are where this prompt has them (the same diff can cut a
-        run at either of two equal words: 'a red circle and' or 'red circle and a'); else anchor k's own,
-        cut to the chunk."""
-        word = int(ids[position]) if by_id else int(self.words[k, 0])
-        same = (self.words[:, 0] == word).nonzero().flatten().tolist()
+        run at either of two equal words: 'a red circle and' or 'red circle and a'); else the run the
+        learned edits' words make around it in this prompt."""
+        same = (self.words[:, 0] == int(ids[position])).nonzero().flatten().tolist()
         votes: dict[tuple, int] = {}
         for j in same:
             lo, hi = int(self.extents[j, 0]), int(self.extents[j, 1])
