@@ -37,6 +37,14 @@ def import_comfy():
     return load_pack()
 
 
+def require_cuda(on_a_cpu: str) -> None:
+    """Stop a GPU-only measurement on a machine without CUDA, with what to run there instead: on a
+    CPU it would run for hours and measure nothing a card does."""
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit(f"{Path(sys.argv[0]).name}: no CUDA device here, and this measurement needs one. {on_a_cpu}")
+
+
 def peak_rss_bytes() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

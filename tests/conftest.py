@@ -30,7 +30,10 @@ COMFY_VERSION = comfyui_version.__version__
 comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: tests are CPU-only
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# One thread: the tiny models' operations are too small to gain from a second, and on a machine whose
+# cores are busy with anything else (the server, the browser, another job) every parallel region waits
+# for a descheduled thread: on 2 shared cores a tiny model's step took 30 times as long with 2 threads.
+torch.set_num_threads(1)
 import comfy.model_management  # noqa: E402,F401
 import nodes as comfy_nodes  # noqa: E402  (ComfyUI's nodes.py, not this pack's nodes/)
 

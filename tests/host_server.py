@@ -76,7 +76,9 @@ def start_server(base: Path, checkpoint: Path | None) -> Server:
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
              "--disable-auto-launch", "--base-directory", str(base),
              "--database-url", "sqlite:///:memory:"],
-            cwd=COMFY_DIR, stdout=log, stderr=subprocess.STDOUT)
+            cwd=COMFY_DIR, stdout=log, stderr=subprocess.STDOUT,
+            # One thread, as the tests' own process (conftest.py): the browser renders beside it.
+            env=dict(os.environ, OMP_NUM_THREADS="1"))
     server = Server(base, port, process, log_path)
     deadline = time.time() + 120
     while time.time() < deadline:
