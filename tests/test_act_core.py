@@ -319,7 +319,7 @@ def _rewrite_header(data: bytes, edit) -> bytes:
 
 @pytest.mark.parametrize("edit, message", [
     (lambda h: h["__metadata__"].pop("format"), "format: comfyui-act-maps"),
-    (lambda h: h["__metadata__"].update(format_version="5"), "newer"),
+    (lambda h: h["__metadata__"].update(format_version="6"), "newer"),
     (lambda h: h["__metadata__"].update(layers="{not json"), "not valid JSON"),
     (lambda h: next(v for k, v in h.items() if k != "__metadata__").update(dtype="F64"), "expected F32"),
     (lambda h: next(v for k, v in h.items() if k != "__metadata__").update(shape=[2, 4]), "expected \\[neurons\\]"),

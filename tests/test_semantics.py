@@ -270,12 +270,9 @@ def _concept_words_at_1(lab, task_name: str, maps: list | None = None) -> tuple:
     return task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip, batch=True)), scenes)
 
 
-@pytest.mark.xfail(strict=True, reason="goal >= 80% edited with the rest kept >= 80%: 'the concept's words only' "
-                                      "at strength 1 turns the red object blue in 97% of 32 pictures with the rest kept "
-                                      "in 72% "
-                                      "(at 64 prompts: 95% / 78%; the Gaussian gate 88% / 69%); an orange object "
-                                      "after the red one turns blue too")
 def test_concept_words_edit_one_objects_colour_to_the_goal(lab):
+    """Goal: >= 80% of the pictures with the one red object drawn blue, the rest kept >= 80% (the prompt is
+    read again with 'blue' where it said 'red', so an orange neighbour no longer turns blue too)."""
     edited, kept = _concept_words_at_1(lab, "edit_red_blue")
     assert edited >= 0.8 and kept >= 0.8, (edited, kept)
 
