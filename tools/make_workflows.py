@@ -301,8 +301,8 @@ SPECS = {
         | _sampling(["apply", 0], ["apply", 1], "a house on a hill, and a pink elephant", 3, "act_no_elephant"),
         "notes": [("Remove a concept, even when the prompt asks for it: the maps learn captions with it vs. "
                    "without it. Fit's 'moves' is 'the concept's words only', made for an object or a colour: "
-                   "only the prompt's words that look like the concept move; for a style keep 'every token "
-                   "alike'. Raise 'strength' above 1 if traces remain. Save Transport Maps keeps the maps "
+                   "a prompt that names the concept is read again without its words, and other prompts "
+                   "stay exactly as they are; for a style keep 'every token alike'. Raise 'strength' above 1 if traces remain. Save Transport Maps keeps the maps "
                    "in models/act for Load Transport Maps." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
     "ACT 3 - add objects (more trees)": {
