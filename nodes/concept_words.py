@@ -21,6 +21,7 @@ import torch
 
 from ..act_core.concept_words import ConceptWords, Edit, PairTokens, apply_edits, fit_concept_words, move
 from .model_layers import ActError
+from . import per_step
 from .patching import original_or_patched
 
 # Moved conditionings remembered per Apply, for giving rows back (a graph encodes a few prompts).
@@ -188,16 +189,20 @@ def _edited(chunks: list, edits: list[Edit]) -> list:
 
 def give_back(patched_model, remembered: Remembered, steered_rows) -> None:
     """Patch the diffusion model of `patched_model` so that the rows of a call that steered_rows(args,
-    kwargs) does not name (None: all rows steered) get their untouched conditioning back."""
+    kwargs, running model) does not name (None: all rows steered) get their untouched conditioning back.
+    Bound to no module: ComfyUI may run these patches on another copy of the model (nodes/per_step.py)."""
+    import comfy.patcher_extension
     key = "diffusion_model.forward"
-    dm = patched_model.model.diffusion_model
-    inner = original_or_patched(patched_model, key, dm, "forward")
+    state = per_step.CallState(patched_model.model)
+    patched_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "comfyui_act",
+                                       per_step.running_model_wrapper(state))
+    inner = per_step.layer_call("diffusion_model", patched_model.object_patches.get(key), state)
 
     def forward(*args, **kwargs):
         context = kwargs.get("context")
         if context is None or not remembered.entries:
             return inner(*args, **kwargs)
-        rows = steered_rows(args, kwargs)
+        rows = steered_rows(args, kwargs, state.running())
         if rows is None:
             return inner(*args, **kwargs)
         keep = set(rows.tolist())

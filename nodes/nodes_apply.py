@@ -97,7 +97,7 @@ class ApplyTransportMaps(io.ComfyNode):
         if is_concept_words(maps.conditioning) and clip is not None and strength != 0.0 \
                 and (branch != BRANCHES[0] or start_percent > 0.0 or end_percent < 1.0):
             remembered = Remembered()
-            give_back(steered_model, remembered, _steered_rows(model, start_percent, end_percent, branch))
+            give_back(steered_model, remembered, _steered_rows(start_percent, end_percent, branch))
         steered_clip, text = steer_clip_placed(clip, maps, strength, mode, remembered=remembered) \
             if clip is not None else (None, Placement())
         unfoldable = unet.no_weights + text.no_weights
@@ -109,17 +109,17 @@ class ApplyTransportMaps(io.ComfyNode):
         return io.NodeOutput(steered_model, steered_clip)
 
 
-def _steered_rows(model, start_percent: float, end_percent: float, branch: str):
-    """(args, kwargs) of a diffusion-model call -> the batch rows it steers (None: all of them)."""
+def _steered_rows(start_percent: float, end_percent: float, branch: str):
+    """(args, kwargs, model running) of a diffusion-model call -> the batch rows it steers (None: all)."""
     window = Window(start_percent, end_percent)
     whole = start_percent == 0.0 and end_percent == 1.0
 
-    def rows(args: tuple, kwargs: dict):
+    def rows(args: tuple, kwargs: dict, running):
         options = kwargs.get("transformer_options") or {}
         x = args[0] if args else kwargs.get("x")
         sigmas = options.get("sigmas")
         if not whole and sigmas is not None and not window.contains(float(sigmas.flatten()[0]),
-                                                                    model.model.model_sampling):
+                                                                    running.model_sampling):
             return torch.zeros(0, dtype=torch.long)
         if branch == BRANCHES[0]:
             return None

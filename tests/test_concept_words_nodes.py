@@ -52,9 +52,11 @@ def test_the_negative_prompt_reaches_the_model_untouched_under_conditional_only(
         return forward(*args, **kwargs)
     recording.add_object_patch("diffusion_model.forward", record)
     steered, steered_clip = apply(pack, recording, clip, sd15_words, branch="conditional only")
-    prompt, negative = "a dog beside a pink elephant", "a photo of a house with a pink elephant"
+    # Both as the fit wrote them, so that a random-weight encoder certainly finds the concept in them.
+    prompt, negative = "a photo of a dog with a pink elephant", "a pink elephant beside a photo of a house"
     moved = encode(steered_clip, prompt)[0]
     assert not torch.equal(moved, encode(clip, prompt)[0]), "the prompt names the concept: it must move"
+    assert not torch.equal(encode(steered_clip, negative)[0], encode(clip, negative)[0]), "so would the negative"
     sample(steered, steered_clip, prompt=prompt, negative=negative, steps=2)
     untouched_negative = encode(clip, negative)[0]
     assert seen
