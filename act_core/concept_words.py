@@ -230,8 +230,9 @@ def apply_edits(ids: Sequence, edits: Sequence[Edit], make=lambda i, like: i) ->
         out += list(ids[at:e.start]) + [make(i, ids[e.start]) for i in e.ids]
         at = e.end
     out += list(ids[at:])
-    pad = ids[-1]
-    return (out + [pad] * len(ids))[:len(ids)]
+    if len(out) > len(ids):  # a longer replacement: the chunk keeps its closing token
+        return out[:len(ids) - 1] + [ids[-1]]
+    return out + [ids[-1]] * (len(ids) - len(out))
 
 
 def move(source: torch.Tensor, edited: torch.Tensor, source_ids: Sequence[int], edited_ids: Sequence[int],
