@@ -291,3 +291,27 @@ def test_concept_words_remove_crosses_to_the_goal_and_leave_prompts_without_cros
     assert left <= 0.10 and kept >= 0.90, (left, kept)
     spec = _specificity(lab, maps[0], name="spec_cross")
     assert spec >= 0.9, f"{spec:.0%} of the pictures without a cross kept"
+
+
+@pytest.mark.parametrize("task_name", [
+    pytest.param("drop_red", marks=pytest.mark.xfail(strict=True, reason=(
+        "fitted on pairs that drop the red object, at strength 1 on 32 prompts: 0% red left, the other objects "
+        "kept in 88% (48 prompts at 0.5: 2% / 92%, where the goal is met)"))),
+    pytest.param("append_red", marks=pytest.mark.xfail(strict=True, reason=(
+        "fitted on 'captions and the concept' with the concept last, at strength 1 on 32 prompts: 0% red left but "
+        "the other objects kept in 72% (48 prompts at 0.5: 4% / 81%); a concept named first leaves its "
+        "joining word behind"))),
+    pytest.param("concept_prompts_red", marks=pytest.mark.xfail(strict=True, reason=(
+        "fitted on Concept Prompts 'remove' (twelve phrasings), at strength 1 on 32 prompts: 16% red left, 62% "
+        "kept (48 prompts at 1.5: 6% / 54%); the learned runs hold the phrasings' words, not the shapes "
+        "captions'"))),
+])
+def test_concept_words_remove_a_red_object_named_anywhere_with_the_pairs_users_write(lab, task_name):
+    """Goal: fitted on pairs that add or drop words (a red object dropped wherever it was; the concept
+    appended last; Concept Prompts 'remove'), at
+    strength 1 on prompts naming a red object first, in the middle or last: <= 10% red left and the other
+    objects of the strength-0 picture kept in >= 90% of the pictures."""
+    task, source, target, scenes, untouched = _removal(lab, task_name)
+    model, clip = lab.steer(lab.fit(source, target, where="text encoder", moves="the concept's words only"), 1.0)
+    left, kept, _ = _measure(lab, task, scenes, untouched, model=model, clip=clip)
+    assert left <= 0.10 and kept >= 0.90, (left, kept)
