@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import comfy.model_management
-import comfy.utils
 from conftest import patch_state, sample
-from test_learn import all_hooks, collect, fit
+from test_learn import all_hooks, collect, fit, interrupt_on_call
 
 FALLBACK = "fitting layer by layer instead"
 
@@ -109,21 +108,14 @@ def test_interrupting_the_replay_leaves_no_hook_or_patch_behind(pack, sdxl):
     model, clip, _ = sdxl
     before, patches_before = sample(model, clip), patch_state(model, clip)
     activations = collect(pack, model, clip, where="both", batch_size=4)[0]
-    calls = {"n": 0}
-
-    def interrupt_at_the_fifth_layer(value, total, preview, node_id=None):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(interrupt_at_the_fifth_layer)
-    try:
+    unet = model.model.diffusion_model  # the replay enters it a few times per layer
+    with interrupt_on_call(unet, 10**9) as uninterrupted:
+        fit(pack, activations)
+    with interrupt_on_call(unet, 5) as calls:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             fit(pack, activations)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
-    assert calls["n"] == 5
+    # Stopped mid-replay (ComfyUI's own layers check for an interrupt at every op).
+    assert 5 <= calls["n"] < uninterrupted["n"]
     roots = (model.model, clip.cond_stage_model)
     assert all_hooks(*roots) == 0
     assert not patched_forwards(*roots)

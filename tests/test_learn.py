@@ -1,11 +1,12 @@
 """Collect -> fit on tiny SD1.5, SD2 (v-prediction) and SDXL models, through the real nodes and samplers."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import comfy.model_management
-import comfy.utils
 from conftest import patch_state, sample
 
 SOURCE = "\n".join(f"a photo of {thing} with a pink elephant" for thing in
@@ -108,23 +109,34 @@ def all_hooks(*roots):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for r in roots for m in r.modules())
 
 
+@contextlib.contextmanager
+def interrupt_on_call(module, n: int):
+    """Ask for an interrupt when `module` starts its n-th call, as a user pressing Cancel mid-pass
+    would; the pack's next interrupt check must then stop the work. (A progress-bar hook cannot time
+    it: ComfyUI 0.33 sends progress at most every 100 ms, so on a fast machine a whole fit may report
+    only its first and last step.) Yields the running call count."""
+    calls = {"n": 0}
+
+    def hook(*_):
+        calls["n"] += 1
+        if calls["n"] == n:
+            comfy.model_management.interrupt_current_processing(True)
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+        comfy.model_management.interrupt_current_processing(False)
+
+
 def test_interrupting_collection_leaves_the_model_as_it_was(pack, sd15):
     model, clip, vae = sd15
     before, patches_before = sample(model, clip), patch_state(model, clip)
-    calls = {"n": 0}
-
-    def interrupt_on_second_batch(value, total, preview, node_id=None):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(interrupt_on_second_batch)
-    try:
+    with interrupt_on_call(model.model.diffusion_model, 2) as calls:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             collect(pack, model, clip, batch_size=4)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    # Stopped at the next check: the second batch's pass ran, no third began.
     assert calls["n"] == 2
     assert all_hooks(model.model, clip.cond_stage_model) == 0
     assert patch_state(model, clip) == patches_before
