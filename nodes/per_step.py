@@ -22,8 +22,10 @@ from .model_layers import ActError
 
 class CallState:
     """Per thread: the model whose diffusion model is running (apply_model calls, innermost last), and
-    whether the current diffusion-model call is steered and which batch rows (None: all). A call
-    inside a call pushes its own state and restores the outer one. Outside any apply_model call (a
+    whether the current diffusion-model call is steered, which batch rows (None: all) and, for a
+    partial sampling window, a 0-dim bool tensor on the activations' device that says whether this
+    call's sigma lies in it (None: every call). A call inside a call pushes its own state and restores
+    the outer one. Outside any apply_model call (a
     caller running the diffusion model directly) the model Apply was given is the one that runs."""
 
     def __init__(self, base_model):
@@ -65,15 +67,15 @@ class CallState:
                 table[name] = module
         return module
 
-    def enter(self, active: bool, rows: torch.Tensor | None) -> None:
-        self._stacks()[1].append((active, rows))
+    def enter(self, active: bool, rows: torch.Tensor | None, gate: torch.Tensor | None = None) -> None:
+        self._stacks()[1].append((active, rows, gate))
 
     def leave(self) -> None:
         self._stacks()[1].pop()
 
-    def current(self) -> tuple[bool, torch.Tensor | None]:
+    def current(self) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
         calls = getattr(self._local, "calls", None)
-        return calls[-1] if calls else (False, None)
+        return calls[-1] if calls else (False, None, None)
 
     def conditional_rows(self, transformer_options: dict, batch: int, device: torch.device) -> torch.Tensor:
         """Rows of the batch that belong to the conditional branch (cond_or_uncond marks 0 = cond), as
@@ -120,17 +122,23 @@ def _tensor_output(output):
 
 
 def transported_forward(inner: Callable, move: Callable[[torch.Tensor], torch.Tensor], state: CallState):
-    """A layer's forward that transports its output while `state` says the current call is steered."""
+    """A layer's forward that transports its output while `state` says the current call is steered.
+    The window's gate is applied on the device (torch.where), never read on the host: reading it
+    would make the CPU wait for the card at every diffusion-model call."""
     def forward(*args, **kwargs):
         output = inner(*args, **kwargs)
-        active, rows = state.current()
+        active, rows, gate = state.current()
         if not active:
             return output
         output = _tensor_output(output)
+        part = output if rows is None else output[rows]
+        moved_part = move(part)
+        if gate is not None:
+            moved_part = torch.where(gate, moved_part, part)
         if rows is None:
-            return move(output)
+            return moved_part
         moved = output.clone()
-        moved[rows] = move(output[rows])
+        moved[rows] = moved_part
         return moved
     return forward
 
@@ -164,10 +172,20 @@ class Window:
         self._sampling = None
         self._sigmas = (0.0, 0.0)
 
-    def contains(self, sigma: float, sampling) -> bool:
+    def _bounds(self, sampling) -> tuple[float, float]:
         if sampling is not self._sampling:
             self._sigmas = (float(sampling.percent_to_sigma(self.start_percent)),
                             float(sampling.percent_to_sigma(self.end_percent)))
             self._sampling = sampling
-        sigma_start, sigma_end = self._sigmas
+        return self._sigmas
+
+    def contains(self, sigma: float, sampling) -> bool:
+        sigma_start, sigma_end = self._bounds(sampling)
         return sigma_end <= sigma <= sigma_start
+
+    def gate(self, sigmas: torch.Tensor, sampling) -> torch.Tensor:
+        """Whether the call's sigma (the first of the batch's, as ComfyUI's own windows read it) lies in
+        the window, as a 0-dim bool tensor on sigmas' device, computed without a host read."""
+        sigma_start, sigma_end = self._bounds(sampling)
+        sigma = sigmas.reshape(-1)[0]
+        return (sigma >= sigma_end) & (sigma <= sigma_start)

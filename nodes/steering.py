@@ -169,18 +169,18 @@ def steer_model_placed(model, maps: TransportMaps, strength: float, start_percen
         inner = per_step.layer_call(name, patched.object_patches.get(key), state)
         patched.add_object_patch(key, per_step.transported_forward(inner, kernels.transport(layer, strength), state))
 
-    def call_state(args: tuple, kwargs: dict) -> tuple[bool, torch.Tensor | None]:
+    def call_state(args: tuple, kwargs: dict) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
         options = kwargs.get("transformer_options") or {}
         sigmas = options.get("sigmas")
-        if window is not None and sigmas is not None and not window.contains(
-                float(sigmas.flatten()[0]), state.running().model_sampling):
-            return False, None
+        gate = None
+        if window is not None and sigmas is not None:
+            gate = window.gate(sigmas, state.running().model_sampling)
         if branch == BRANCHES[0]:
-            return True, None
+            return True, None, gate
         x = args[0] if args else kwargs.get("x")
         rows = state.conditional_rows(options, x.shape[0], x.device)
         # A call that holds only unconditional rows is left alone: nothing to move, nothing to copy.
-        return (True, rows) if rows.numel() else (False, None)
+        return (True, rows, gate) if rows.numel() else (False, None, None)
 
     key = "diffusion_model.forward"
     inner = per_step.layer_call("diffusion_model", patched.object_patches.get(key), state)

@@ -73,8 +73,8 @@ def test_the_steering_state_of_a_call_is_not_seen_by_another_thread(pack, sd15):
         worker = threading.Thread(target=other_thread)
         worker.start()
         worker.join()
-        assert state.current() == (True, None) and state.running() is model.model
+        assert state.current() == (True, None, None) and state.running() is model.model
     finally:
         state.leave()
         state.leave_model()
-    assert seen == {"state": (False, None), "model": model.model, "running": True}
+    assert seen == {"state": (False, None, None), "model": model.model, "running": True}

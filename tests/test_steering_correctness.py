@@ -63,6 +63,24 @@ class MoveCounter:
         monkeypatch.setattr(pack.nodes.steering.kernels, "transport", counting)
 
 
+class EffectCounter:
+    """Counts layer calls whose output differs from the layer's own forward on the same inputs: what the
+    maps changed, whatever work they did to get there (a partial window computes the move at every call
+    and keeps it only inside the window, so counting transports would not tell)."""
+
+    def __init__(self, pack, model, maps):
+        self.moves = 0
+        modules = pack.nodes.model_layers.unet_modules(model)
+        self.handles = [modules[name].register_forward_hook(self._seen) for name in maps.layers]
+
+    def _seen(self, module, inputs, output):
+        self.moves += int(not torch.equal(output, type(module).forward(module, *inputs)))
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
 def test_conditional_only_does_no_work_in_calls_without_conditional_rows(pack, sd15, maps, monkeypatch):
     model, clip, _ = sd15
     counter = MoveCounter(pack, monkeypatch)
@@ -140,7 +158,7 @@ class StepRecorder:
     """Wraps the sampled clone's diffusion-model forward (on top of every other patch) and records, per
     call, the noise level and whether any map moved something in it."""
 
-    def __init__(self, pack, model, counter: MoveCounter):
+    def __init__(self, pack, model, counter: EffectCounter):
         self.calls: list[tuple[float, bool]] = []
         self.model = model.clone()
         key = "diffusion_model.forward"
@@ -154,17 +172,20 @@ class StepRecorder:
         self.model.add_object_patch(key, forward)
 
 
-def test_the_sampling_window_follows_a_model_sampling_node_placed_after_apply(pack, sd15, maps, monkeypatch):
+def test_the_sampling_window_follows_a_model_sampling_node_placed_after_apply(pack, sd15, maps):
     model, clip, _ = sd15
-    counter = MoveCounter(pack, monkeypatch)
+    counter = EffectCounter(pack, model, maps)
     positive, negative = encode(clip, "a house on a hill"), encode(clip, "blurry")
     start, end, steps = 0.3, 0.7, 10
     zsnr = ModelSamplingDiscrete()
 
-    after = StepRecorder(pack, zsnr.patch(apply(pack, model, maps, start=start, end=end), "eps", True)[0], counter)
-    before = StepRecorder(pack, apply(pack, zsnr.patch(model, "eps", True)[0], maps, start=start, end=end), counter)
-    latent_after = ksample(after.model, positive, negative, steps)
-    latent_before = ksample(before.model, positive, negative, steps)
+    try:
+        after = StepRecorder(pack, zsnr.patch(apply(pack, model, maps, start=start, end=end), "eps", True)[0], counter)
+        before = StepRecorder(pack, apply(pack, zsnr.patch(model, "eps", True)[0], maps, start=start, end=end), counter)
+        latent_after = ksample(after.model, positive, negative, steps)
+        latent_before = ksample(before.model, positive, negative, steps)
+    finally:
+        counter.close()
 
     # The normal scheduler puts step i at percent i / (steps - 1) of the schedule it samples with.
     expected = [start <= i / (steps - 1) <= end for i in range(steps)]
@@ -177,3 +198,43 @@ def test_the_sampling_window_follows_a_model_sampling_node_placed_after_apply(pa
     sampling = model.get_model_object("model_sampling")
     frozen = [sampling.percent_to_sigma(end) <= s <= sampling.percent_to_sigma(start) for s, _ in after.calls]
     assert frozen != expected
+
+
+HOST_READS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu"}
+
+
+class HostReads(torch.Tensor):
+    """A tensor that records the reads that bring its value (or a value computed from it) to the host:
+    on a card each one makes the CPU wait for the work queued before it."""
+    seen: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            cls.seen.append(name)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("branch", [BOTH, COND])
+def test_a_partial_window_never_reads_the_noise_level_on_the_host(pack, sd15, maps, branch):
+    """The window is decided per diffusion-model call; reading the call's sigma with float() would stop
+    the CPU until the card finished the work queued before the call, at every call."""
+    model, clip, _ = sd15
+    steered = apply(pack, model, maps, start=0.3, end=0.7, branch=branch).clone()
+    key = "diffusion_model.forward"
+    inner = pack.nodes.steering.original_or_patched(steered, key, model.model.diffusion_model, "forward")
+
+    def forward(*args, **kwargs):
+        options = dict(kwargs["transformer_options"])
+        options["sigmas"] = options["sigmas"].as_subclass(HostReads)
+        return inner(*args, **dict(kwargs, transformer_options=options)).as_subclass(torch.Tensor)
+    steered.add_object_patch(key, forward)
+    positive, negative = encode(clip, "a house on a hill"), encode(clip, "blurry")
+    HostReads.seen.clear()
+    latent = ksample(steered, positive, negative, steps=6)
+    assert HostReads.seen == []
+    # The recording wrapper changes nothing: the picture of the same Apply without it (which steps the
+    # window steers is test_the_sampling_window_follows_a_model_sampling_node_placed_after_apply's).
+    assert torch.equal(latent, ksample(apply(pack, model, maps, start=0.3, end=0.7, branch=branch), positive,
+                                       negative, steps=6))
