@@ -318,9 +318,14 @@ class Collector:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     def free_device_memory(self) -> int:
+        """Room on the card for replay records. ComfyUI 0.33+ asks the patcher, which adds what dynamic
+        VRAM (comfy-aimdo) can still free by evicting weights; 0.3.75 has only the driver's figure."""
         import comfy.model_management
         device = self.model.load_device
-        return comfy.model_management.get_free_memory(device) if device.type == "cuda" else 0
+        if device.type != "cuda":
+            return 0
+        patcher_room = getattr(self.model, "get_free_memory", None)
+        return patcher_room(device) if patcher_room is not None else comfy.model_management.get_free_memory(device)
 
     def info(self) -> dict:
         source, target = self.prompts[:self.n_source], self.prompts[self.n_source:]
