@@ -64,9 +64,11 @@ class Record:
         return Record(self.store, torch.empty(self.data.shape, dtype=self.data.dtype, device="meta"), self.device)
 
     def stand_in(self) -> torch.Tensor:
-        """Stands in for an output nothing reads any more; NaN, so that a wrong guess shows."""
-        fill = math.nan if self.data.is_floating_point() else 0
-        return torch.full(self.data.shape, fill, dtype=self.data.dtype, device=self.device)
+        """Stands in for an output nothing reads any more; NaN, so that a wrong guess shows (the replay
+        never drops a record without NaN: integers and booleans are kept)."""
+        if not self.data.is_floating_point():
+            raise ValueError("a record of integers has no NaN stand-in")
+        return torch.full(self.data.shape, math.nan, dtype=self.data.dtype, device=self.device)
 
 
 def map_tree(fn, value, kind):

@@ -18,7 +18,7 @@ import torch
 
 from .activations import NonFiniteActivations
 from .maps import LayerMap, fit_layer
-from .records import RecordStore, has_nan, leaves, live_tensors, load_all, shapes_only
+from .records import Record, RecordStore, has_nan, leaves, live_tensors, load_all, shapes_only
 
 __all__ = ["PassComplete", "Unreplayable", "WatchedModule", "CallTree", "Replay"]
 
@@ -318,6 +318,8 @@ class Replay:
         # that run's stop, and its output is the next one's input more often than not).
         answered_last_run = {k.name for k in kids[:max(0, upto - 1)]}
         trial = set() if state.still_held is None else answered_last_run - state.still_held - state.dropped - state.kept
+        # Only outputs made of floating tensors are tried: an integer has no NaN to show a wrong guess.
+        trial = {name for name in trial if all(r.data.is_floating_point() for r in leaves(outputs[name][0], Record))}
         # A failed probe costs a second run of the first batch; units of one class fail alike
         # (a residual sum that reads the answer), so a failure is remembered for the class.
         known = (type(unit.module) if unit.module is not None else unit.name, upto,

@@ -217,6 +217,55 @@ def test_a_nan_of_the_model_itself_in_the_replay_is_reported(pack, caplog, late_
     assert FALLBACK not in caplog.text
 
 
+class Tagged(torch.nn.Module):
+    """A norm that also hands on integers: each pixel's strongest channel (as a layer that returns
+    token ids or a mask beside its hidden states)."""
+
+    def __init__(self, norm: torch.nn.GroupNorm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        a = self.norm(x)
+        return a, a.argmax(dim=1, keepdim=True)
+
+
+class LateIntegerReader(torch.nn.Module):
+    """The UNet's output head with its first norm inside a Tagged, whose integers are read again after
+    the second norm, for batches smaller than `big` only: on the first batch they look unused."""
+
+    def __init__(self, head: torch.nn.Sequential, big: int):
+        super().__init__()
+        channels = head[0].num_channels
+        self.tagged, self.act, self.conv = Tagged(head[0]), head[1], head[2]
+        self.second = torch.nn.GroupNorm(head[0].num_groups, channels)
+        self.big = big
+
+    def forward(self, x):
+        a, strongest = self.tagged(x)
+        h = self.act(a)
+        late = strongest if x.shape[0] < self.big else None
+        del a, strongest
+        b = self.second(h)
+        if late is not None:
+            b = b + torch.gather(b, 1, late).expand_as(b)
+        return self.conv(b)
+
+
+def test_integers_handed_on_by_a_layer_are_never_replaced_by_a_stand_in(pack):
+    """A dropped record is answered by NaN, so that a wrong guess shows; integers have no NaN (they were
+    answered by zeros, and a later batch that read them gave wrong maps without a word)."""
+    from make_models import tiny_model
+    model, clip, _ = tiny_model("SD15", seed=0)
+    unet = model.model.diffusion_model
+    unet.out = LateIntegerReader(unet.out, big=16)
+    activations = collect(pack, model, clip, where="diffusion model", batch_size=16, layers="custom pattern",
+                          pattern=r"input_blocks\.1\.0\.in_layers\.0$|diffusion_model\.out(\.tagged\.norm|\.second)?$")[0]
+    assert [len(b) for b in activations.collector.batches()] == [16, 4]
+    reference = activations.collector.incremental(activations, "linear", "q_0_100", blocks="layers")
+    assert_same_maps(fit(pack, activations), reference, activations.order)
+
+
 # ----- variants of a family that are another architecture -----
 
 FIXTURE_OF = {"SD1.x": "sd15", "SD2.x": "sd2", "SDXL": "sdxl", "SD3": "sd3", "FLUX.1": "flux"}
