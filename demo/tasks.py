@@ -21,6 +21,8 @@ from . import shapes
 
 FIT_SEED = 77  # fit prompts and evaluation prompts come from different draws
 EVAL_SEED = 1234
+# The concept Concept Prompts puts into the shapes captions (task concept_prompts_red, template ACT 1).
+CONCEPT_PROMPTS_CONCEPT = "a large red square"
 TUNE_SEED = 4242  # settings are chosen on these held-out prompts, never on the reported ones
 
 
@@ -61,12 +63,16 @@ class Task:
                 out.append(scene)
         return out
 
+    def captions(self, n: int, seed: int = FIT_SEED) -> list[str]:
+        """The fit scenes' plain captions: what a user would hand Concept Prompts' `captions`."""
+        return [_plain(s) for s in self._scenes(n, seed)]
+
     def fit_prompts(self, n: int, seed: int = FIT_SEED) -> tuple[list[str], list[str]]:
-        scenes = self._scenes(n, seed)
         if self.fit_pairs == "concept prompts":  # the pack's own prompt builder, as a user would wire it
             source, target = _prompt_builders().concept_prompts(
-                "a large red square", "remove", count=n, seed=0, captions="\n".join(_plain(s) for s in scenes))
+                CONCEPT_PROMPTS_CONCEPT, "remove", count=n, seed=0, captions="\n".join(self.captions(n, seed)))
             return list(source), list(target)
+        scenes = self._scenes(n, seed)
         source = self.fit_source or self.source
         return [source(s) for s in scenes], [self.target(s, i) for i, s in enumerate(scenes)]
 
@@ -227,7 +233,7 @@ def _dropped(pairs: str) -> dict:
         return o["colour"] == "red"
 
     def red(rng: np.random.Generator) -> dict:
-        if pairs == "concept prompts":
+        if pairs == "concept prompts":  # CONCEPT_PROMPTS_CONCEPT
             return {"size": "large", "colour": "red", "shape": "square"}
         return {"size": ("small", "large")[int(rng.integers(2))], "colour": "red",
                 "shape": shapes.SHAPES[int(rng.integers(len(shapes.SHAPES)))]}

@@ -73,7 +73,7 @@ def test_comfyui_lists_the_examples_as_templates_numbered_in_the_order_to_try_th
     assert sorted(templates["ComfyUI-ACT"]) == sorted(make_workflows.SPECS)
     # The browser shows them in the server's directory order: the numbers say where to start.
     assert [title.split(" - ")[0] for title in make_workflows.SPECS] == [f"ACT {i}" for i in range(len(make_workflows.SPECS))]
-    assert "shapes demo" in min(make_workflows.SPECS) and "load saved maps" in sorted(make_workflows.SPECS)[5]
+    assert "shapes demo" in min(make_workflows.SPECS) and "load saved maps" in sorted(make_workflows.SPECS)[6]
     assert max(make_workflows.SPECS) == make_workflows.FLUX_TITLE  # the other family comes last
 
 
@@ -104,7 +104,7 @@ def test_every_node_type_exists_and_every_link_is_whole(object_info):
         assert "ds" not in workflow.get("extra", {}), path.name
 
 
-# Every SD template but the shapes demo is set up for a real checkpoint.
+# Every SD template but the two on the shapes demo model is set up for a real checkpoint.
 FOR_REAL_CHECKPOINTS = [title for title in SD_TEMPLATES if "shapes demo" not in title]
 
 
@@ -180,7 +180,7 @@ def test_the_shapes_demo_template_shows_stripes_appear_as_it_ships(server, objec
     at 1 and 1.5 has them, as the scorer reads the pixels. A second output keeps each strength's picture."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from demo import shapes
-    (title,) = [t for t in make_workflows.SPECS if "shapes demo" in t]
+    (title,) = [t for t in make_workflows.SPECS if "try it in seconds" in t]
     prompt = make_workflows.to_api_prompt(load(title), object_info)
     (scale_id,) = [i for i, node in prompt.items() if node["class_type"] == "ImageScale"]
     prompt["frames"] = {"class_type": "SaveImage", "inputs": {"images": [scale_id, 0], "filename_prefix": "act_test_frames"}}
@@ -196,3 +196,34 @@ def test_the_shapes_demo_template_shows_stripes_appear_as_it_ships(server, objec
             pixels = np.asarray(image.convert("RGB").resize((shapes.SIZE, shapes.SIZE), Image.BOX), np.float32) / 255
         styles[strength] = shapes.score(pixels)["background"]
     assert styles[0.0] != "striped" and styles[1.0] == styles[1.5] == "striped", styles
+
+
+def test_the_shapes_removal_template_removes_the_red_square_and_keeps_the_circle_as_it_ships(server, object_info):
+    """Queued exactly as the file is: at strength 0 the model draws the large red square and the small blue
+    circle; from 0.5 the red square is gone and the circle stays, as the scorer reads the pixels. The
+    picture beside it (no maps, the concept as negative prompt) still has the red square, as its note says."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from demo import shapes
+    (title,) = [t for t in make_workflows.SPECS if "remove a concept in seconds" in t]
+    prompt = make_workflows.to_api_prompt(load(title), object_info)
+    (scale_id,) = [i for i, node in prompt.items() if node["class_type"] == "ImageScale"]
+    prompt["frames"] = {"class_type": "SaveImage", "inputs": {"images": [scale_id, 0], "filename_prefix": "act_test_frames"}}
+    entry = server.run(prompt, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+
+    def objects(image_entry) -> list[tuple]:
+        with Image.open(server.output_file(image_entry)) as image:
+            pixels = np.asarray(image.convert("RGB").resize((shapes.SIZE, shapes.SIZE), Image.BOX), np.float32) / 255
+        return sorted((o["size"], o["colour"], o["shape"]) for o in shapes.score(pixels)["objects"])
+
+    (sweep,) = [node for node in prompt.values() if node["class_type"] == "ACTStrengthSweep"]
+    strengths = [float(s) for s in sweep["inputs"]["strengths"].split(",")]
+    frames = entry["outputs"]["frames"]["images"]
+    drawn = {strength: objects(frame) for strength, frame in zip(strengths, frames)}
+    square, circle = ("large", "red", "square"), ("small", "blue", "circle")
+    assert drawn[0.0] == sorted([square, circle]), drawn
+    assert all(drawn[s] == [circle] for s in strengths if s >= 0.5), drawn
+    (baseline_id,) = [i for i, node in prompt.items() if node["class_type"] == "SaveImage"
+                      and node["inputs"]["filename_prefix"] == "act_shapes_negative_prompt"]
+    (baseline,) = entry["outputs"][baseline_id]["images"]
+    assert square in objects(baseline)

@@ -22,7 +22,7 @@ sys.path[:0] = [str(PACK_DIR / "tools"), str(PACK_DIR / "tests")]
 import make_workflows  # noqa: E402
 from host_server import start_server, stop_server  # noqa: E402
 
-EXAMPLE = "ACT 2 - remove a concept (no pink elephant)"
+EXAMPLE = "ACT 3 - remove a concept (no pink elephant)"
 TARGET = PACK_DIR / "example_workflows" / "maps" / make_workflows.DEMO_MAPS
 
 

@@ -262,10 +262,65 @@ def _shapes_demo() -> dict:
     }
 
 
+def _shapes_removal() -> dict:
+    """Removal a newcomer sees in seconds: Concept Prompts puts 'a large red square' into 32 shapes
+    captions in its twelve ways; the concept's words only remove it along the dial, and beside the
+    grid the untouched model with the concept as its negative prompt draws what a user would try first."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from demo.tasks import CONCEPT_PROMPTS_CONCEPT, TASKS
+    captions = TASKS["concept_prompts_red"].captions(SHAPES_PROMPT_COUNT)
+    model, clip = ["apply", 0], ["apply", 1]
+    prompt = REMOVAL_PROMPT
+    return {
+        "ckpt": {"type": "ACTLoadShapesDemoModel", "col": 0, "row": 0},
+        "prompts": {"type": "ACTConceptPrompts", "col": 0, "row": 1,
+                    "widgets": {"concept": CONCEPT_PROMPTS_CONCEPT, "direction": "remove",
+                                "count": SHAPES_PROMPT_COUNT, "captions": "\n".join(captions)}},
+        "collect": {"type": "ACTCollectActivations", "col": 1, "row": 0, "widgets": {**COLLECT, "batch_size": 64},
+                    "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "source_prompts": ["prompts", 0],
+                              "target_prompts": ["prompts", 1]}},
+        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "widgets": {"moves": "the concept's words only"},
+                "links": {"activations": ["collect", 0]}},
+        "sweep": {"type": "ACTStrengthSweep", "col": 2, "row": 0, "widgets": {"strengths": "0, 0.5, 1, 1.5"}},
+        "apply": {"type": "ACTApplyTransportMaps", "col": 2, "row": 1,
+                  "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "maps": ["fit", 0], "strength": ["sweep", 0]}},
+        "pos": {"type": "CLIPTextEncode", "col": 3, "row": 0, "widgets": {"text": prompt}, "links": {"clip": clip}},
+        "neg": {"type": "CLIPTextEncode", "col": 3, "row": 1, "widgets": {"text": ""}, "links": {"clip": clip}},
+        "latent": {"type": "EmptyLatentImage", "col": 3, "row": 2,
+                   "widgets": {"width": SHAPES_PIXELS, "height": SHAPES_PIXELS, "batch_size": 1}},
+        "sampler": {"type": "KSampler", "col": 4, "row": 0,
+                    "widgets": {"seed": 3, **SHAPES_SAMPLER, "denoise": 1.0},
+                    "links": {"model": model, "positive": ["pos", 0], "negative": ["neg", 0],
+                              "latent_image": ["latent", 0]}},
+        "decode": {"type": "VAEDecode", "col": 4, "row": 1, "links": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
+        "scale": {"type": "ImageScale", "col": 4, "row": 2, "links": {"image": ["decode", 0]},
+                  "widgets": {"upscale_method": "nearest-exact", "width": 4 * SHAPES_PIXELS,
+                              "height": 4 * SHAPES_PIXELS, "crop": "disabled"}},
+        "grid": {"type": "ACTStrengthGrid", "col": 5, "row": 0,
+                 "links": {"images": ["scale", 0], "strength": ["sweep", 0]}},
+        "savegrid": {"type": "SaveImage", "col": 5, "row": 1, "widgets": {"filename_prefix": "act_shapes_removal"},
+                     "links": {"images": ["grid", 0]}},
+        # What a user would try instead: the same prompt and seed, no maps, the concept as negative prompt.
+        "basepos": {"type": "CLIPTextEncode", "col": 3, "row": 3, "title": "Prompt (no maps)",
+                    "widgets": {"text": prompt}, "links": {"clip": ["ckpt", 1]}},
+        "baseneg": {"type": "CLIPTextEncode", "col": 3, "row": 4, "title": "Negative prompt: the concept",
+                    "widgets": {"text": CONCEPT_PROMPTS_CONCEPT}, "links": {"clip": ["ckpt", 1]}},
+        "basesampler": {"type": "KSampler", "col": 4, "row": 3, "title": "KSampler (negative prompt only)",
+                        "widgets": {"seed": 3, **SHAPES_SAMPLER, "denoise": 1.0},
+                        "links": {"model": ["ckpt", 0], "positive": ["basepos", 0], "negative": ["baseneg", 0],
+                                  "latent_image": ["latent", 0]}},
+        "basedecode": {"type": "VAEDecode", "col": 4, "row": 4,
+                       "links": {"samples": ["basesampler", 0], "vae": ["ckpt", 2]}},
+        "basesave": {"type": "SaveImage", "col": 2, "row": 2, "title": "Negative prompt instead (no maps)",
+                     "widgets": {"filename_prefix": "act_shapes_negative_prompt"}, "links": {"images": ["basedecode", 0]}},
+    }
+
+
 # The shapes demo model (demo/): 64 px pictures, and the sampler settings its benchmark uses.
 SHAPES_PIXELS = 64
 SHAPES_SAMPLER = {"steps": 12, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal"}
 SHAPES_PROMPT_COUNT = 32
+REMOVAL_PROMPT = "a large red square and a small blue circle"
 
 # Numbered in the order people should meet them (the template browser lists them in directory order,
 # which a pack cannot choose). The note sits in the first column, where reading starts; the last column
@@ -281,7 +336,17 @@ SPECS = {
                    "circle, square, triangle, cross; small or large; 1 to 3 objects) or the strengths. The "
                    "other templates do the same on real checkpoints.", 0, 1)],
     },
-    "ACT 1 - style dial (watercolor)": {
+    "ACT 1 - remove a concept in seconds (shapes demo model)": {
+        "nodes": _shapes_removal(),
+        "notes": [("Remove a concept on the same tiny model: Concept Prompts puts 'a large red square' into 32 "
+                   "shapes captions in twelve ways (source) and leaves it out (target). Fit's 'moves' is 'the "
+                   "concept's words only': a prompt that names the concept is read again without its words, "
+                   "every other prompt stays exactly as it is. The grid shows the dial: 0 = the model as it is, "
+                   "from 0.5 the red square is gone and the blue circle stays.\n\nBelow Apply: the same prompt "
+                   "and seed with no maps and the concept as negative prompt, what one would try first; on this "
+                   "model it keeps the red square. Runs in seconds, even on a CPU.", 0, 2)],
+    },
+    "ACT 2 - style dial (watercolor)": {
         "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "watercolor", "count": PROMPT_COUNT}})
         | _apply(0.7)
         | _sampling(["apply", 0], ["apply", 1], "a harbour full of fishing boats", 3, "act_style"),
@@ -289,7 +354,7 @@ SPECS = {
                    "tags), then turn 'strength' on Apply Transport Maps: 0 = no style, 1 = full style. Try "
                    "another style or your own tags." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
-    "ACT 2 - remove a concept (no pink elephant)": {
+    "ACT 3 - remove a concept (no pink elephant)": {
         # An object to remove: the concept's words only (on the shapes model it removed a colour or a
         # shape and kept the rest where every token alike could not; README, "Does it work?").
         "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "a pink elephant", "direction": "remove",
@@ -305,7 +370,7 @@ SPECS = {
                    "stay exactly as they are; for a style keep 'every token alike'. Raise 'strength' above 1 if traces remain. Save Transport Maps keeps the maps "
                    "in models/act for Load Transport Maps." + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
-    "ACT 3 - add objects (more trees)": {
+    "ACT 4 - add objects (more trees)": {
         "nodes": _learn({"type": "ACTConceptPrompts", "widgets": {"concept": "many tall trees", "direction": "add",
                                                                   "count": PROMPT_COUNT}})
         | _apply(1.0)
@@ -314,7 +379,7 @@ SPECS = {
                    "concept, so the maps put it into every image. Try 'snow on the ground' or 'a red umbrella'."
                    + CHECKPOINT_NOTE + SLOW_MACHINE, 0, 2)],
     },
-    "ACT 4 - strength sweep grid": {
+    "ACT 5 - strength sweep grid": {
         "nodes": _learn({"type": "ACTStylePrompts", "widgets": {"style": "sketch", "count": PROMPT_COUNT}})
         | {"inspect": {"type": "ACTInspectMaps", "col": 1, "row": 2, "links": {"maps": ["fit", 0]}},
            "sweep": {"type": "ACTStrengthSweep", "col": 2, "row": 0, "widgets": {"strengths": "0, 0.25, 0.5, 0.75, 1"}},
@@ -329,7 +394,7 @@ SPECS = {
                    "animation; Inspect shows which layers move most. Edit 'strengths' to zoom in."
                    + CHECKPOINT_NOTE + SLOW_MACHINE + " Fewer strengths, fewer images.", 0, 2)],
     },
-    "ACT 5 - load saved maps and apply": {
+    "ACT 6 - load saved maps and apply": {
         "nodes": {"ckpt": {"type": "CheckpointLoaderSimple", "col": 0, "row": 0,
                            "widgets": {"ckpt_name": DEMO_CHECKPOINT}},
                   "fit": {"type": "ACTLoadTransportMaps", "col": 1, "row": 0, "widgets": {"maps_name": DEMO_MAPS}}}
@@ -354,7 +419,7 @@ FLUX_SAMPLER = {"steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "s
 FLUX_SIZE = 1024
 # The maps are the same at any batch size; 4 samples of FLUX at 1024 px keep a 24 GB card's peak low.
 FLUX_COLLECT = dict(COLLECT, batch_size=4)
-FLUX_TITLE = "ACT 6 - FLUX.1 schnell style dial (impressionism)"
+FLUX_TITLE = "ACT 7 - FLUX.1 schnell style dial (impressionism)"
 SPECS[FLUX_TITLE] = {
     "nodes": {
         "unet": {"type": "UNETLoader", "col": 0, "row": 0,
