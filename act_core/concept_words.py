@@ -82,6 +82,12 @@ def align(source_ids: Sequence[int], target_ids: Sequence[int]) -> list[tuple[in
     return out
 
 
+def takes_words_out(source_ids: Sequence[int], target_ids: Sequence[int]) -> bool:
+    """Whether the pair deletes or replaces a word of its source (a removal or an edit), rather than only
+    adding words to it (a style, an added object): what 'auto' on Fit Transport Maps decides by."""
+    return bool(_runs(source_ids, target_ids))
+
+
 def counterparts(source_ids: Sequence[int], target_ids: Sequence[int]) -> torch.Tensor:
     """[len(source)] long: the target position each source position moves toward."""
     return torch.tensor([a[0] for a in align(source_ids, target_ids)], dtype=torch.long)

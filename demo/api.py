@@ -115,7 +115,7 @@ class Lab:
     # -- steering with the pack's nodes --------------------------------------------------------------
     def fit(self, source: Sequence[str], target: Sequence[str], where: str = "both",
             method: str = "linear", support: str = "method default", estimation: str = "incremental",
-            noise_levels: int = 1, batch_size: int = 64, seed: int = 0, moves: str = "every token alike (AcT)"):
+            noise_levels: int = 1, batch_size: int = 64, seed: int = 0, moves: str = "auto (from the pairs)"):
         """Collect Activations -> Fit Transport Maps on the shapes model; returns the MAPS."""
         learn = self.pack.nodes.nodes_learn
         activations, _ = learn.CollectActivations.execute(

@@ -68,7 +68,7 @@ def main(folder: str) -> None:
     task = TASKS["remove_red"]
     scenes = task.eval_scenes(4, seed=4321)
     source, target = task.fit_prompts(64)
-    maps = lab.fit(source, target)
+    maps = lab.fit(source, target, moves="every token alike (AcT)")  # the column reads "AcT"
     model, clip = lab.steer(maps, 1.0)
     prompts = task.prompts(scenes)
     cols = [lab.generate(prompts, seed=100),
@@ -92,7 +92,7 @@ def side_by_side(folder: str, tasks=("remove_red", "negate_cross", "edit_red_blu
         scenes = task.eval_scenes(n, seed=4321)
         source, target = task.fit_prompts(64)
         prompts = task.prompts(scenes)
-        default = lab.steer(lab.fit(source, target), 1.0)
+        default = lab.steer(lab.fit(source, target, moves="every token alike (AcT)"), 1.0)
         words = lab.steer(lab.fit(source, target, moves="the concept's words only"), 1.0)
         cols = [lab.generate(prompts, seed=100, batch=True),
                 lab.generate(prompts, seed=100, negative=task.concept, batch=True),

@@ -19,7 +19,8 @@ from collections import deque
 
 import torch
 
-from ..act_core.concept_words import ConceptWords, Edit, PairTokens, apply_edits, fit_concept_words, move
+from ..act_core.concept_words import (ConceptWords, Edit, PairTokens, apply_edits, fit_concept_words, move,
+                                      takes_words_out)
 from .model_layers import ActError
 from . import per_step
 from .patching import original_or_patched
@@ -68,6 +69,26 @@ def _bounds(chunks: list, tokenizer, key: str) -> tuple[list[int], list[tuple[in
     return ids, bounds
 
 
+def _ids(collector, tokens: dict) -> list[int]:
+    key = stream(tokens)
+    return _bounds(tokens[key], collector.clip.tokenizer, key)[0]
+
+
+def pairs_taking_words_out(collector) -> int:
+    """How many source/target pairs delete or replace words of the source (raises ActError where the
+    concept's words cannot be fitted: encoders that tokenize apart, unequal counts)."""
+    n = collector.n_source
+    if n != len(collector.prompts) - n:
+        raise ActError(f"there are {n} source and {len(collector.prompts) - n} target prompts, so they do not "
+                       "pair line by line")
+    words = []
+    for tokens in collector.tokens:
+        key = stream(tokens)
+        ids, bounds = _bounds(tokens[key], collector.clip.tokenizer, key)
+        words.append([i for a, b in bounds for i in ids[a:b]])  # the prompt's words: no start, end or padding
+    return sum(takes_words_out(s, t) for s, t in zip(words[:n], words[n:]))
+
+
 def fit_from_collector(collector) -> ConceptWords:
     """The concept's words from the collected prompts, source line i paired with target line i."""
     n = collector.n_source
@@ -79,8 +100,7 @@ def fit_from_collector(collector) -> ConceptWords:
     with torch.inference_mode():
         for tokens in collector.tokens:
             cond = collector.clip.encode_from_tokens(tokens).float().cpu()[0]
-            key = stream(tokens)
-            ids, _ = _bounds(tokens[key], collector.clip.tokenizer, key)
+            ids = _ids(collector, tokens)
             if len(ids) != cond.shape[0]:
                 raise ActError("'the concept's words only' needs a conditioning of one token per position of the "
                                f"prompt's tokens ({len(ids)} tokens gave {cond.shape[0]}); choose 'every token "

@@ -105,7 +105,8 @@ class ApplyTransportMaps(io.ComfyNode):
             log.warning("Apply Transport Maps: fold all cannot fold %d layers (e.g. %s): they have no weight and bias "
                         "to fold into (norms without affine parameters, as on FLUX.1 and SD3), so they run per step "
                         "as in exact mode, at exact mode's cost.", len(unfoldable), unfoldable[0])
-        log.info("Apply Transport Maps: %s", summary(unet, text))
+        moves = maps.info.get("moves")
+        log.info("Apply Transport Maps: %s%s", f"moves {moves}; " if moves else "", summary(unet, text))
         return io.NodeOutput(steered_model, steered_clip)
 
 

@@ -1,26 +1,32 @@
 """Learning nodes: prompts -> pooled activations -> transport maps."""
 from __future__ import annotations
 
+import logging
+
 import comfy.utils
 from comfy_api.latest import io
 from tqdm import tqdm
 
 from ..act_core import METHODS, SUPPORTS, TransportMaps, default_support
-from .concept_words import describe, fit_from_collector
+from .concept_words import describe, fit_from_collector, pairs_taking_words_out
 from .collection import SCHEDULES, CollectSettings, Collector, fit_maps, parse_prompts
 from .model_layers import WHERE, ActError
 from .types import CATEGORY, Activations, Maps
+
+log = logging.getLogger("comfyui_act")
 
 PRESETS = ("normalization layers", "custom pattern")
 # What Fit Transport Maps moves: the paper's per-layer maps (every token alike), or the final
 # conditioning's tokens that look like the concept's (act_core/token_transport.py).
 MOVES = ("every token alike (AcT)", "the concept's words only")
+# The default: Fit looks at the pairs and picks one of MOVES (choose_moves), and says which in its summary.
+AUTO = "auto (from the pairs)"
 # A combo's default cannot follow another input, so the first choice stands for the method's own
 # default support, resolved when fitting and recorded in the maps' info.
 METHOD_DEFAULT = "method default"
 
 
-def fit_concept_words(activations) -> TransportMaps:
+def fit_concept_words(activations, picked: bool = False) -> TransportMaps:
     """The concept's words (act_core/concept_words.py), from the untouched CLIP's tokens and encodings of
     the collected prompt pairs (source line i with target line i)."""
     collector = activations.collector
@@ -30,8 +36,26 @@ def fit_concept_words(activations) -> TransportMaps:
                        "not yet fitted on; set 'moves' to every token alike on Fit Transport Maps")
     conditioning = fit_from_collector(collector)
     info = dict(activations.info, method="concept words", support="gated", estimation="at once",
-                moves=MOVES[1])
+                moves=MOVES[1] + (" (picked by auto)" if picked else ""))
     return TransportMaps({}, info, conditioning=conditioning)
+
+
+def choose_moves(activations) -> tuple[str, str]:
+    """What 'auto' picks, and why: the concept's words only when at least half the pairs take words out
+    of their source prompt or change them (a removal, an edit: where the arena's removal and edit tasks
+    are won by the concept's words), every token alike when they only add words (a style, an added
+    background or object: won by the paper's maps) or where this model cannot have the concept's words."""
+    collector = activations.collector
+    if not collector.spec.one_text_length:
+        return MOVES[0], f"{collector.family} gives each prompt its own text length"
+    try:
+        taking = pairs_taking_words_out(collector)
+    except ActError:
+        return MOVES[0], "this model's text encoders tokenize a prompt their own ways"
+    pairs = collector.n_source
+    if taking and 2 * taking >= pairs:
+        return MOVES[1], f"{taking} of {pairs} pairs take words out of the source prompt or change them"
+    return MOVES[0], f"{pairs - taking} of {pairs} pairs only add words"
 
 
 class Progress:
@@ -141,8 +165,12 @@ class FitTransportMaps(io.ComfyNode):
                                tooltip="incremental: each layer is learned with the earlier layers already "
                                        "steered (the paper's default, better; reruns the model). at once: all "
                                        "layers from the collected activations, no extra model run."),
-                io.Combo.Input("moves", options=list(MOVES), default=MOVES[0], optional=True,
-                               tooltip="every token alike (AcT): the paper's maps on every chosen layer; best for "
+                io.Combo.Input("moves", options=[AUTO, *MOVES], default=AUTO, optional=True,
+                               tooltip="auto: picked from the pairs, and named in the summary: the concept's words "
+                                       "only when at least half the pairs take words out of the source prompt or "
+                                       "change them, every token alike when they only add words (and on models "
+                                       "that cannot have the concept's words). "
+                                       "every token alike (AcT): the paper's maps on every chosen layer; best for "
                                        "a style or a background. the concept's words only: for an object or an "
                                        "attribute (no pink elephant, remove a colour or a shape, change one "
                                        "object): learns which words the source prompts add or change, takes "
@@ -156,17 +184,25 @@ class FitTransportMaps(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, activations, method, support, estimation, moves=MOVES[0]) -> io.NodeOutput:
+    def execute(cls, activations, method, support, estimation, moves=AUTO) -> io.NodeOutput:
+        picked = ""
+        if moves == AUTO:
+            moves, why = choose_moves(activations)
+            picked = f"moves auto: {moves} ({why}). "
+            log.info("Fit Transport Maps: %s", picked.strip())
         if moves == MOVES[1]:
-            maps = fit_concept_words(activations)
-            return io.NodeOutput(maps, describe(maps.conditioning, activations.collector.clip))
+            maps = fit_concept_words(activations, picked=bool(picked))
+            return io.NodeOutput(maps, picked + describe(maps.conditioning, activations.collector.clip))
         if moves != MOVES[0]:
-            raise ActError(f"moves must be one of {MOVES}, got {moves!r} (fix 'moves' on Fit Transport Maps)")
+            raise ActError(f"moves must be one of {(AUTO, *MOVES)}, got {moves!r} (fix 'moves' on Fit Transport "
+                           "Maps)")
         if support == METHOD_DEFAULT:
             support = default_support(method)
         maps = fit_maps(activations, method, support, estimation,
                         progress_factory=lambda total: Progress(total, "incremental fitting"))
+        if picked:  # chosen by hand, the layer maps' info stays as it always was (and as diffusers writes it)
+            maps.info["moves"] = MOVES[0] + " (picked by auto)"
         degenerate = sum(m.degenerate for m in maps.values())
-        summary = (f"{len(maps)} layers, {maps.neurons()} neurons, {method} / {support} / {estimation}"
+        summary = (f"{picked}{len(maps)} layers, {maps.neurons()} neurons, {method} / {support} / {estimation}"
                    + (f"; {degenerate} neurons had no spread and are left as they are" if degenerate else ""))
         return io.NodeOutput(maps, summary)

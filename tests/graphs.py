@@ -46,7 +46,8 @@ def learn_nodes(source: str, target: str, batch_size: int = 16) -> dict:
             "where": "both", "layers": "normalization layers", "pattern": "", "resolution": 64, "noise_levels": 1,
             "batch_size": batch_size, "seed": 0}},
         "fit": {"class_type": "ACTFitTransportMaps", "inputs": {
-            "activations": ["collect", 0], "method": "linear", "support": "q_0_100", "estimation": "incremental"}},
+            "activations": ["collect", 0], "method": "linear", "support": "q_0_100", "estimation": "incremental",
+            "moves": "every token alike (AcT)"}},
     }
 
 

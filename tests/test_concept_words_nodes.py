@@ -91,3 +91,45 @@ def test_flux_is_refused_because_its_encoders_tokenize_apart(pack, flux):
     model, clip, _ = flux
     with pytest.raises(Exception, match="share one tokenization"):
         fit_words(pack, model, clip)
+
+
+def fit_default(pack, model, clip, source, target, where="text encoder"):
+    """Fit Transport Maps as a user leaves it: moves at its default (auto). Returns (maps, summary)."""
+    activations, _ = collect(pack, model, clip, where=where, source=source, target=target)
+    node = pack.nodes.nodes_learn.FitTransportMaps
+    return node.execute(activations, "linear", "method default", "incremental").args
+
+
+# A style as Style Prompts writes it: the same captions with tags added, nothing taken out.
+STYLED = "\n".join(f"a photo of {t}, watercolor painting, soft washes" for t in THINGS)
+
+
+@pytest.mark.parametrize("kind", ["remove", "edit", "style"])
+def test_auto_picks_the_concepts_words_for_pairs_that_take_words_out_and_every_token_for_pairs_that_add(
+        pack, sd15, kind):
+    """The default of 'moves' looks at the pairs: Concept Prompts 'remove' and a one-word edit (the arena's
+    removal and edit tasks, which the concept's words win) get the concept's words; captions with style
+    tags added (the style tasks, which the paper's maps win) get every token alike. The summary names the
+    pick, and the maps carry it to Apply."""
+    model, clip, _ = sd15
+    source, target = {"remove": (SOURCE, TARGET),
+                      "edit": ("\n".join(f"a red car beside {t}" for t in THINGS),
+                               "\n".join(f"a blue car beside {t}" for t in THINGS)),
+                      "style": (TARGET, STYLED)}[kind]
+    maps, summary = fit_default(pack, model, clip, source, target)
+    if kind == "style":
+        assert getattr(maps, "conditioning", None) is None and len(maps) > 0
+        assert summary.startswith("moves auto: every token alike (AcT) (8 of 8 pairs only add words)")
+    else:
+        assert pack.act_core.concept_words.is_concept_words(maps.conditioning) and len(maps) == 0
+        assert summary.startswith("moves auto: the concept's words only (8 of 8 pairs take words out")
+    assert maps.info["moves"].endswith("(picked by auto)")
+
+
+def test_auto_takes_every_token_where_the_encoders_tokenize_apart(pack, flux):
+    """FLUX.1's T5 and CLIP-L tokenize apart, so the concept's words cannot be fitted: auto takes the
+    paper's maps there, and says why, instead of refusing."""
+    model, clip, _ = flux
+    maps, summary = fit_default(pack, model, clip, SOURCE, TARGET)
+    assert getattr(maps, "conditioning", None) is None and len(maps) > 0
+    assert "tokenize a prompt their own ways" in summary

@@ -458,7 +458,7 @@ def assert_steered_alike(pack, model, clip, pipe, maps, strength):
 def test_maps_fitted_in_comfyui_steer_diffusers_alike(pack, case):
     family, model, clip, pipe = case
     fitted = pack.nodes.nodes_learn.FitTransportMaps.execute(
-        comfy_collect(pack, model, clip), "linear", "q_0_100", "incremental").args[0]
+        comfy_collect(pack, model, clip), "linear", "q_0_100", "incremental", "every token alike (AcT)").args[0]
     assert fitted.family == family
     assert_steered_alike(pack, model, clip, pipe, fitted, 1.0)
 
@@ -479,7 +479,8 @@ def test_maps_fitted_in_diffusers_load_and_steer_comfyui_alike(pack, case, tmp_p
 
 def assert_same_maps(pack, model, clip, pipe, where: str, batch_size: int, tolerance: float = RELATIVE) -> None:
     activations = comfy_collect(pack, model, clip, where=where, batch_size=batch_size)
-    comfy = pack.nodes.nodes_learn.FitTransportMaps.execute(activations, "linear", "method default", "incremental").args[0]
+    comfy = pack.nodes.nodes_learn.FitTransportMaps.execute(activations, "linear", "method default", "incremental",
+                                                            "every token alike (AcT)").args[0]
     ours = fit_maps(collect_activations(pipe, SOURCE, TARGET, where=where, resolution=RESOLUTION, batch_size=batch_size))
     assert list(ours) == list(comfy)
     assert ours.info == comfy.info
@@ -511,7 +512,8 @@ def test_maps_fitted_in_several_batches_equal_the_plain_hook_reference(pack, req
     pipe = pipeline_for(request, "sd15", "SD1.x")
     activations = comfy_collect(pack, model, clip, where="both", batch_size=5)
     assert len(activations.collector.batches()) == 4
-    comfy = pack.nodes.nodes_learn.FitTransportMaps.execute(activations, "linear", "method default", "incremental").args[0]
+    comfy = pack.nodes.nodes_learn.FitTransportMaps.execute(activations, "linear", "method default", "incremental",
+                                                            "every token alike (AcT)").args[0]
     ours = fit_maps(collect_activations(pipe, SOURCE, TARGET, where="both", resolution=RESOLUTION, batch_size=5))
     reference, sources = plain_hook_incremental(pipe, activations.order)
     assert any(not n.startswith("diffusion_model.") for n in reference) and len(reference) > 20
@@ -538,7 +540,7 @@ def test_diffusers_fits_several_batches_by_the_replay_to_the_one_batch_and_comfy
     assert host.estimation.last_fit.schedule == "replay"
     comfy_activations = comfy_collect(pack, model, clip, where="both", batch_size=5)
     comfy = pack.nodes.nodes_learn.FitTransportMaps.execute(comfy_activations, "linear", "method default",
-                                                            "incremental").args[0]
+                                                            "incremental", "every token alike (AcT)").args[0]
     comfy_fit = comfy_activations.collector.estimation.last_fit
     assert comfy_fit.schedule == "replay"
     # The model's entry (text encoding, UNet call) runs a few times per batch, not once per layer and

@@ -24,7 +24,9 @@ def collect(pack, model, clip, where="both", batch_size=32, noise_levels=1, sour
 
 
 def fit(pack, activations, estimation="incremental", method="linear", support="q_0_100"):
-    return pack.nodes.nodes_learn.FitTransportMaps.execute(activations, method, support, estimation).args[0]
+    """The layer maps (moves every token alike: these pairs take words out, so auto would fit the concept's words)."""
+    return pack.nodes.nodes_learn.FitTransportMaps.execute(activations, method, support, estimation,
+                                                           "every token alike (AcT)").args[0]
 
 
 def norm_layers(modules):

@@ -121,7 +121,7 @@ def test_style_appears_with_strength_and_the_prompt_survives(lab, style_untouche
     task = TASKS["style"]
     scenes, found0 = style_untouched
     presence0, _ = task.measure(found0, scenes)
-    maps = lab.fit(*task.fit_prompts(64))  # the nodes' defaults: Linear-AcT, incremental, support all
+    maps = lab.fit(*task.fit_prompts(64))  # the nodes' defaults: auto picks Linear-AcT on every token (tags added)
     model, clip = lab.steer(maps, 1.0)
     presence, kept = task.measure(lab.score(lab.generate(task.prompts(scenes), model=model, clip=clip)), scenes)
     assert presence0 <= 0.2
@@ -220,13 +220,10 @@ def test_concept_words_remove_red_to_the_goal(red):
     assert red["left"] <= 0.10 and red["kept"] >= 0.80, (red["left"], red["kept"])
 
 
-@pytest.mark.xfail(strict=True, reason="goal: the default configuration at strength 1 at least as good as the best "
-                                      "baseline on >= 80% of the arena's tasks; it is on 4 of 10 at 64 prompts "
-                                      "(bench/results/semantics-arena-64-side-by-side.txt); on these 32 prompts it "
-                                      "leaves 100% red with 69% of the shapes kept, the conditioning delta 44% / 9%")
 def test_default_maps_remove_red_as_well_as_the_best_baseline(lab, red):
-    """One of the tasks the default loses: at strength 1 it should leave at most as much red as the
-    arena's best baseline there (the conditioning delta at scale 2) with the shapes kept within 3 points."""
+    """The nodes' defaults at strength 1 (moves auto, which picks the concept's words for these recolouring
+    pairs) leave at most as much red as the arena's best baseline there (the conditioning delta at scale 2)
+    with the shapes kept within 3 points. With every token alike they left 100% red, 69% kept."""
     task, scenes, untouched = red["task"], red["scenes"], red["untouched"]
     model, clip = lab.steer(lab.fit(red["source"], red["target"]), 1.0)
     left, kept, _ = _measure(lab, task, scenes, untouched, model=model, clip=clip)
@@ -251,9 +248,8 @@ def test_concept_words_leave_prompts_without_red_as_drawn(lab, red):
     assert kept >= 0.9, f"{kept:.0%} of the pictures without red kept"
 
 
-@pytest.mark.xfail(strict=True, reason="specificity goal >= 90%: the default maps (Linear-AcT on every token) for "
-                                      "removing red keep 53% of the pictures of prompts without red at strength 1")
 def test_default_maps_leave_prompts_without_red_as_drawn(lab, red):
+    """Specificity goal >= 90% for the nodes' defaults (every token alike kept 53% at strength 1)."""
     assert _specificity(lab, lab.fit(red["source"], red["target"])) >= 0.9
 
 
