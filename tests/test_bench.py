@@ -120,3 +120,10 @@ def test_a_gpu_only_run_on_a_cpu_says_so_and_what_to_run_instead(command):
     assert done.returncode == 1 and not done.stdout.strip(), done.stdout[-2000:]
     assert "no CUDA device" in done.stderr and "--tiny" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_encode_times_the_concepts_words_against_the_untouched_clip():
+    found = figures("encode", "--repeats", "1", "--only", "shapes")
+    shapes = found["shapes"]
+    assert shapes["with the concept"]["ratio"] > 0 and shapes["without it"]["ratio"] > 0, shapes
+    assert shapes["goal"] == "<= 1.1" and isinstance(shapes["met"], bool), shapes
