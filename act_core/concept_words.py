@@ -132,12 +132,36 @@ class ConceptWords:
         # references kept do not surround them).
         known = set(self.words[:, 0].tolist())
         runs: dict[tuple[int, int], tuple[int, ...]] = {}
+        found: set[int] = set()
         for position in concept.nonzero().flatten().tolist():
             chunk = next(((a, b) for a, b in bounds if a <= position < b), None)
             if chunk is not None and int(ids[position]) in known:
                 start, end, ids_in = self._run(int(nearest[position]), position, ids, chunk)
                 runs[(start, end)] = ids_in
+                found.add(int(ids[position]))
+        # The concept named again later in the prompt (a long prompt that repeats itself, a second chunk)
+        # reads differently to the gate: a causal encoder has seen the first naming by then. Once the gate
+        # has found a word, its other occurrences go too, where a learned edit fits their words exactly.
+        for position, i in enumerate(ids):
+            if int(i) in found and not concept[position]:
+                chunk = next(((a, b) for a, b in bounds if a <= position < b), None)
+                learned = self._learned_run(position, ids, chunk) if chunk is not None else None
+                if learned is not None:
+                    runs[learned[:2]] = learned[2]
         return _merge(runs)
+
+    def _learned_run(self, position: int, ids: Sequence[int], chunk: tuple[int, int]) -> tuple | None:
+        """The most common learned edit of this word whose first and last words are where this prompt has
+        them: (start, end, replacing ids), or None."""
+        votes: dict[tuple, int] = {}
+        for j in (self.words[:, 0] == int(ids[position])).nonzero().flatten().tolist():
+            lo, hi = int(self.extents[j, 0]), int(self.extents[j, 1])
+            a, b = position + lo, position + hi
+            if chunk[0] <= a and b <= chunk[1] and int(ids[a]) == int(self.words[j, 1]) \
+                    and int(ids[b - 1]) == int(self.words[j, 2]):
+                key = (a, b, tuple(int(i) for i in self.replacements[j].tolist() if i >= 0))
+                votes[key] = votes.get(key, 0) + 1
+        return max(votes, key=votes.get) if votes else None
 
     def _run(self, k: int, position: int, ids: Sequence[int], chunk: tuple[int, int]) -> tuple[int, int, tuple]:
         """The edit around `position` for nearest anchor k: of the edits learned for the same word, the
@@ -145,16 +169,9 @@ class ConceptWords:
         run at either of two equal words: 'a red circle and' or 'red circle and a'); else the run the
         learned edits' words make around it in this prompt."""
         same = (self.words[:, 0] == int(ids[position])).nonzero().flatten().tolist()
-        votes: dict[tuple, int] = {}
-        for j in same:
-            lo, hi = int(self.extents[j, 0]), int(self.extents[j, 1])
-            a, b = position + lo, position + hi
-            if chunk[0] <= a and b <= chunk[1] and int(ids[a]) == int(self.words[j, 1]) \
-                    and int(ids[b - 1]) == int(self.words[j, 2]):
-                key = (a, b, tuple(int(i) for i in self.replacements[j].tolist() if i >= 0))
-                votes[key] = votes.get(key, 0) + 1
-        if votes:
-            return max(votes, key=votes.get)
+        learned = self._learned_run(position, ids, chunk)
+        if learned is not None:
+            return learned
         # No learned edit fits this prompt's words: take the run of words around this one that the
         # learned edits of the same word held at the same offsets (the concept's phrase, 'a small red
         # circle', wherever the prompt puts it).
