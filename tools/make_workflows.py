@@ -6,8 +6,8 @@ the node definitions; tests/test_examples.py regenerates them and compares.
 
     python tools/make_workflows.py OBJECT_INFO.json [OUT_DIR]
 
-Also converts an editor-format workflow to the API format the server's /prompt takes
-(`to_api_prompt`), the way the frontend does when it queues a graph.
+The layout and the conversion to the API format the server's /prompt takes are tools/workflow_graph.py's
+(`build`, `to_api_prompt`, `with_inputs`, imported here for the tests and tools/make_demo_maps.py).
 
 The thumbnails beside each file (<name>.jpg, which ComfyUI serves to its template browser) are the
 browser test's pictures of each finished graph: after a layout change, run tests/test_browser.py and
@@ -19,12 +19,12 @@ import json
 import sys
 from pathlib import Path
 
+from workflow_graph import VIRTUAL, build, to_api_prompt, with_inputs  # noqa: F401  (the tests' entry points)
+
 DEMO_CHECKPOINT = "ACT-demo-random-weights-sd15.safetensors"
 # Maps fitted on the demo checkpoint, shipped in example_workflows/maps so that the load example runs on
 # a fresh install (tools/make_demo_maps.py makes them).
 DEMO_MAPS = "ACT-demo-no-pink-elephant.safetensors"
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-VIRTUAL = {"Note", "MarkdownNote"}
 # Defaults for a real SD1.5 checkpoint on a GPU (the demo checkpoint is detected as SD1.5): its native
 # 512 px, the sampler settings people use with it, and 64 prompts per side.
 IMAGE_SIZE = 512
@@ -38,129 +38,6 @@ SLOW_MACHINE = ("\n\nSlow machine or CPU: count 16 on the prompt builder, resolu
                 "steps 12 and a 256 px image.")
 
 
-def _inputs(info: dict) -> list[tuple[str, str, dict]]:
-    """(name, type, options) of a node's inputs in display order: required, then optional."""
-    out = []
-    for group in ("required", "optional"):
-        for name, spec in info["input"].get(group, {}).items():
-            kind = spec[0]
-            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            out.append((name, "COMBO" if isinstance(kind, list) else kind, options))
-    return out
-
-
-def _is_widget(kind: str, options: dict) -> bool:
-    return kind in WIDGET_TYPES and not options.get("forceInput")
-
-
-COLUMN, GAP, WIDTH = 360, 40, 320
-PREVIEWS = {"SaveImage", "PreviewImage", "ACTStrengthGrid"}
-
-
-def _height(info: dict, node_type: str) -> int:
-    """Tall enough for the node's sockets, widgets (multiline text boxes taller) and image previews."""
-    rows = 0
-    widgets = 0
-    for _name, kind, options in _inputs(info):
-        if _is_widget(kind, options):
-            widgets += 90 if options.get("multiline") else 26
-        else:
-            rows += 1
-    rows = max(rows, len(info["output"]))
-    return 46 + 22 * rows + widgets + (160 if node_type in PREVIEWS else 0)
-
-
-def _note_height(text: str) -> int:
-    """Room for the note's text at the editor's default font (about 45 characters a line, 14 px each)."""
-    lines = sum(max(1, -(-len(paragraph) // 45)) for paragraph in text.split("\n"))
-    return 40 + 14 * lines
-
-
-def _stack_columns(nodes: list[dict], columns: list[int], rows: list[int]) -> None:
-    """Each column top to bottom in row order, with a gap between nodes."""
-    tops: dict[int, int] = {}
-    for node, col, _row in sorted(zip(nodes, columns, rows), key=lambda t: (t[1], t[2])):
-        top = tops.get(col, 40)
-        node["pos"] = [40 + COLUMN * col, top]
-        tops[col] = top + node["size"][1] + GAP
-
-
-def build(spec: dict, object_info: dict) -> dict:
-    """spec: {"nodes": {key: {"type", "col", "row", "widgets": {...}, "links": {input: [key, slot]}}},
-    "notes": [(text, col, row)]} -> editor-format workflow."""
-    ids = {key: i + 1 for i, key in enumerate(spec["nodes"])}
-    nodes, links = [], []
-    outputs_links: dict[tuple[int, int], list[int]] = {}
-    for key, node in spec["nodes"].items():
-        info = object_info[node["type"]]
-        inputs, widgets = [], []
-        for name, kind, options in _inputs(info):
-            link = node.get("links", {}).get(name)
-            if link is not None:
-                origin_key, origin_slot = link
-                link_id = len(links) + 1
-                links.append([link_id, ids[origin_key], origin_slot, ids[key], len(inputs),
-                              object_info[spec["nodes"][origin_key]["type"]]["output"][origin_slot]])
-                outputs_links.setdefault((ids[origin_key], origin_slot), []).append(link_id)
-                entry = {"name": name, "type": kind, "link": link_id}
-                if _is_widget(kind, options):
-                    entry["widget"] = {"name": name}
-                inputs.append(entry)
-            elif not _is_widget(kind, options):
-                if name not in info["input"].get("optional", {}):
-                    raise ValueError(f"{key}.{name} ({kind}) needs a link")
-                # An optional socket left unconnected: the editor lists it with no link.
-                inputs.append({"name": name, "type": kind, "link": None})
-            if _is_widget(kind, options):
-                value = node.get("widgets", {}).get(name, options.get("default"))
-                if value is None and kind == "COMBO":
-                    value = (options.get("options") or [None])[0]
-                widgets.append(value)
-                if options.get("control_after_generate"):
-                    widgets.append("fixed")
-        nodes.append({"id": ids[key], "type": node["type"], "pos": [0, 0],
-                      "size": [WIDTH, _height(info, node["type"])], "flags": {}, "order": len(nodes), "mode": 0,
-                      "inputs": inputs,
-                      "outputs": [], "properties": {"Node name for S&R": node["type"]}, "widgets_values": widgets,
-                      "title": node.get("title", info.get("display_name", node["type"]))})
-    _stack_columns(nodes, [n["col"] for n in spec["nodes"].values()], [n["row"] for n in spec["nodes"].values()])
-    for node in nodes:
-        info = object_info[node["type"]]
-        node["outputs"] = [{"name": name, "type": kind, "links": outputs_links.get((node["id"], slot), []),
-                            "slot_index": slot}
-                           for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"]))]
-    for i, (text, col, _row) in enumerate(spec.get("notes", [])):
-        below = max((n["pos"][1] + n["size"][1] for n in nodes if n["pos"][0] == 40 + COLUMN * col), default=0)
-        nodes.append({"id": len(ids) + i + 1, "type": "Note", "pos": [40 + COLUMN * col, below + GAP],
-                      "size": [WIDTH, _note_height(text)], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
-                      "properties": {"text": ""}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
-    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
-            # No saved view ("ds"): the frontend then fits the whole graph into the user's window.
-            "config": {}, "extra": {}, "version": 0.4}
-
-
-def to_api_prompt(workflow: dict, object_info: dict) -> dict:
-    """Editor format -> API format, as the frontend does when it queues a workflow."""
-    by_link = {link[0]: link for link in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        if node["type"] in VIRTUAL:
-            continue
-        linked = {entry["name"]: by_link[entry["link"]] for entry in node["inputs"] if entry.get("link") is not None}
-        values = iter(node["widgets_values"])
-        inputs = {}
-        for name, kind, options in _inputs(object_info[node["type"]]):
-            if _is_widget(kind, options):
-                inputs[name] = next(values)
-                if options.get("control_after_generate"):
-                    next(values)
-            if name in linked:
-                link = linked[name]
-                inputs[name] = [str(link[1]), link[2]]
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
-
-
 # What the CPU tests (and tools/make_demo_maps.py) change in a queued copy of a template, the way a
 # user on a slow machine would: the files on disk keep the defaults for real checkpoints.
 SMALL_SIZES = {
@@ -171,15 +48,6 @@ SMALL_SIZES = {
     "EmptyLatentImage": {"width": 64, "height": 64},
 }
 
-
-def with_inputs(prompt: dict, changes: dict[str, dict]) -> dict:
-    """An API-format prompt with widget values changed per node type ({class_type: {input: value}})."""
-    out = json.loads(json.dumps(prompt))
-    for node in out.values():
-        for name, value in changes.get(node["class_type"], {}).items():
-            assert name in node["inputs"], (node["class_type"], name)
-            node["inputs"][name] = value
-    return out
 
 
 def _sampling(model, clip, text: str, col: int, save_prefix: str, save_col: int | None = None) -> dict:
@@ -456,6 +324,53 @@ SPECS[FLUX_TITLE] = {
                "\n\nFLUX.1 dev: flux1-dev.safetensors, steps 20 (FluxGuidance 3.5 counts; schnell ignores it)."
                "\n\nSmaller GPU: batch_size 1 or 2 (same maps).", 0, 3)],
 }
+
+
+# Z-Image Turbo in the files ComfyUI's own Z-Image example uses; like FLUX, checked up to its model files in
+# CI (no small Qwen3-4B loads through CLIPLoader) and run where the weights are.
+ZIMAGE_FILES = {"UNETLoader": {"unet_name": "z_image_turbo_bf16.safetensors"},
+                "CLIPLoader": {"clip_name": "qwen_3_4b.safetensors"},
+                "VAELoader": {"vae_name": "ae.safetensors"}}
+# Turbo is distilled for 9 steps at cfg 1 (no negative pass) on res_multistep, with AuraFlow's shift of 3.
+ZIMAGE_SAMPLER = {"steps": 9, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple"}
+ZIMAGE_TITLE = "ACT 8 - Z-Image Turbo style dial (anime)"
+SPECS[ZIMAGE_TITLE] = {
+    "nodes": {
+        "unet": {"type": "UNETLoader", "col": 0, "row": 0,
+                 "widgets": dict(ZIMAGE_FILES["UNETLoader"], weight_dtype="default")},
+        "clip": {"type": "CLIPLoader", "col": 0, "row": 1,
+                 "widgets": dict(ZIMAGE_FILES["CLIPLoader"], type="lumina2", device="default")},
+        "vae": {"type": "VAELoader", "col": 0, "row": 2, "widgets": dict(ZIMAGE_FILES["VAELoader"])},
+        "prompts": {"type": "ACTStylePrompts", "col": 1, "row": 0, "widgets": {"style": "anime", "count": PROMPT_COUNT}},
+        "collect": {"type": "ACTCollectActivations", "col": 1, "row": 1, "widgets": dict(FLUX_COLLECT),
+                    "links": {"model": ["unet", 0], "clip": ["clip", 0], "source_prompts": ["prompts", 0],
+                              "target_prompts": ["prompts", 1]}},
+        "fit": {"type": "ACTFitTransportMaps", "col": 2, "row": 0, "links": {"activations": ["collect", 0]}},
+        "apply": {"type": "ACTApplyTransportMaps", "col": 2, "row": 1, "widgets": {"strength": 1.0},
+                  "links": {"model": ["unet", 0], "clip": ["clip", 0], "maps": ["fit", 0]}},
+        "shift": {"type": "ModelSamplingAuraFlow", "col": 2, "row": 2, "widgets": {"shift": 3.0},
+                  "links": {"model": ["apply", 0]}},
+        "pos": {"type": "CLIPTextEncode", "col": 3, "row": 0, "widgets": {"text": "a harbour full of fishing boats"},
+                "links": {"clip": ["apply", 1]}},
+        "neg": {"type": "CLIPTextEncode", "col": 3, "row": 1, "widgets": {"text": ""}, "links": {"clip": ["apply", 1]}},
+        "latent": {"type": "EmptySD3LatentImage", "col": 3, "row": 2,
+                   "widgets": {"width": FLUX_SIZE, "height": FLUX_SIZE, "batch_size": 1}},
+        "decode": {"type": "VAEDecode", "col": 3, "row": 3, "links": {"samples": ["sampler", 0], "vae": ["vae", 0]}},
+        "sampler": {"type": "KSampler", "col": 4, "row": 0, "widgets": {"seed": 42, **ZIMAGE_SAMPLER, "denoise": 1.0},
+                    "links": {"model": ["shift", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+                              "latent_image": ["latent", 0]}},
+        "save": {"type": "SaveImage", "col": 4, "row": 1, "widgets": {"filename_prefix": "act_zimage_style"},
+                 "links": {"images": ["decode", 0]}},
+    },
+    "notes": [("Z-Image Turbo (real weights needed): z_image_turbo_bf16.safetensors in models/diffusion_models, "
+               "qwen_3_4b.safetensors in models/text_encoders (Load CLIP, type lumina2), ae.safetensors in "
+               "models/vae. Learns a style in the transformer and in Qwen3-4B, then dials it with 'strength'. "
+               "Turbo: 9 steps, cfg 1, res_multistep; ModelSamplingAuraFlow shift 3 goes after Apply."
+               "\n\nSmaller GPU: batch_size 1 or 2 on Collect Activations (same maps).", 0, 3)],
+}
+# The templates that need a family's real weights, with the files each one's loaders name: CI checks them
+# up to those files.
+REAL_WEIGHTS = {FLUX_TITLE: FLUX_FILES, ZIMAGE_TITLE: ZIMAGE_FILES}
 
 
 def write_all(object_info: dict, out_dir: Path) -> list[Path]:
