@@ -1,7 +1,7 @@
 """The example workflows in the real frontend, driven in headless Chromium as a newcomer meets them: the
 template browser lists them in order with their thumbnails; each opens framed (every node inside the
 window), is shrunk for the CPU by changing widget values on the page, queued from the page, and finishes
-with images (the FLUX template, which needs real FLUX weights, names the files it misses instead). Screenshots (and thumbnail candidates) go to test-output/ for people to look at."""
+with images (the FLUX.1 and Z-Image templates, which need real weights, name the files they miss instead). Screenshots (and thumbnail candidates) go to test-output/ for people to look at."""
 from __future__ import annotations
 
 import os
@@ -78,7 +78,7 @@ def open_template_browser(page) -> None:
 
 def open_template(page, title: str) -> None:
     """Open a template the way a user does: Templates, the pack's group, a click on the card. A frontend
-    that checks the model files on opening (0.33's) names the FLUX template's missing ones in a notice
+    that checks the model files on opening (0.33's) names a real-weights template's missing ones in a notice
     over the graph: that is read and closed, as a user does; an SD template opens without one."""
     open_template_browser(page)
     page.locator(DIALOG).get_by_text(title, exact=True).first.click()
@@ -86,16 +86,16 @@ def open_template(page, title: str) -> None:
                            arg=_node_count(title), timeout=30_000)
     page.wait_for_timeout(1500)  # the view is fitted on the next animation frame
     notice = page.locator(NOTICE)
-    if title == make_workflows.FLUX_TITLE and ERRORS_REPORTED_IN == "notice":
+    if title in make_workflows.REAL_WEIGHTS and ERRORS_REPORTED_IN == "notice":
         notice.wait_for(timeout=30_000)
-        assert f"{_missing_file_count()} errors found" in notice.inner_text()
+        assert f"{_missing_file_count(title)} errors found" in notice.inner_text()
         notice.get_by_test_id("error-overlay-dismiss").click()
         notice.wait_for(state="detached", timeout=10_000)
     assert notice.count() == 0, notice.all_inner_texts()
 
 
-def _missing_file_count() -> int:
-    return sum(len(files) for files in make_workflows.FLUX_FILES.values())
+def _missing_file_count(title: str) -> int:
+    return sum(len(files) for files in make_workflows.REAL_WEIGHTS[title].values())
 
 
 def error_report(page) -> str:
@@ -242,7 +242,7 @@ def test_template_opens_framed_in_a_laptop_window(browser, server, output_dir, t
         page.close()
 
 
-@pytest.mark.parametrize("title", [t for t in make_workflows.SPECS if t != make_workflows.FLUX_TITLE])
+@pytest.mark.parametrize("title", [t for t in make_workflows.SPECS if t not in make_workflows.REAL_WEIGHTS])
 def test_template_opens_framed_shrinks_queues_and_finishes_in_the_browser(page, server, output_dir, title):
     open_template(page, title)
     page.screenshot(path=str(output_dir / f"browser_opened_{title.replace(' ', '_')}.png"))
@@ -268,10 +268,11 @@ def test_template_opens_framed_shrinks_queues_and_finishes_in_the_browser(page, 
     save_thumbnail(page, output_dir, title)
 
 
-def test_flux_template_opens_framed_and_run_names_the_model_files_to_get(page, server, output_dir):
-    """Without FLUX weights (none small enough for CI load through ComfyUI's loaders) the FLUX template
-    opens whole, and Run tells the user which model files the loaders miss; nothing is queued."""
-    title = make_workflows.FLUX_TITLE
+@pytest.mark.parametrize("title", list(make_workflows.REAL_WEIGHTS))
+def test_real_weights_template_opens_framed_and_run_names_the_model_files_to_get(page, server, output_dir, title):
+    """Without the family's weights (none small enough for CI load through ComfyUI's loaders) the FLUX.1
+    and Z-Image templates open whole, and Run tells the user which model files the loaders miss; nothing
+    is queued."""
     open_template(page, title)
     assert hidden_nodes(page) == []
     assert page.evaluate("() => window.app.canvas.ds.scale") >= 0.6, "fitted, but too small to read"
@@ -284,7 +285,7 @@ def test_flux_template_opens_framed_and_run_names_the_model_files_to_get(page, s
     page.screenshot(path=str(output_dir / f"browser_{title.replace(' ', '_')}.png"))
     page.keyboard.press("Escape")
     assert set(server.get("/history")) == before
-    for files in make_workflows.FLUX_FILES.values():
+    for files in make_workflows.REAL_WEIGHTS[title].values():
         for name in files.values():
             assert name in text, (name, text[:500])
 

@@ -1,6 +1,6 @@
 """The example workflows: current with the node definitions, defaults that serve a real checkpoint, and
 each SD one runs on the real server (at small sizes set through the API, as a user on a slow machine
-would); the FLUX one, which needs real FLUX weights, is checked up to its model files."""
+would); the FLUX.1 and Z-Image ones, which need real weights, are checked up to their model files."""
 from __future__ import annotations
 
 import json
@@ -18,8 +18,8 @@ from conftest import COMFY_VERSION  # noqa: E402
 pytestmark = pytest.mark.server
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
 USUAL_SAMPLERS = {"euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc"}
-# The SD templates run on the demo checkpoint; the FLUX one needs real FLUX weights (see make_workflows).
-SD_TEMPLATES = [title for title in make_workflows.SPECS if title != make_workflows.FLUX_TITLE]
+# The SD templates run on the demo checkpoint; FLUX.1's and Z-Image's need real weights (see make_workflows).
+SD_TEMPLATES = [title for title in make_workflows.SPECS if title not in make_workflows.REAL_WEIGHTS]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_comfyui_lists_the_examples_as_templates_numbered_in_the_order_to_try_th
     # The browser shows them in the server's directory order: the numbers say where to start.
     assert [title.split(" - ")[0] for title in make_workflows.SPECS] == [f"ACT {i}" for i in range(len(make_workflows.SPECS))]
     assert "shapes demo" in min(make_workflows.SPECS) and "load saved maps" in sorted(make_workflows.SPECS)[6]
-    assert max(make_workflows.SPECS) == make_workflows.FLUX_TITLE  # the other family comes last
+    # The other families come last.
+    assert sorted(make_workflows.SPECS)[-len(make_workflows.REAL_WEIGHTS):] == sorted(make_workflows.REAL_WEIGHTS)
 
 
 @pytest.mark.parametrize("title", list(make_workflows.SPECS))
@@ -150,17 +151,38 @@ def test_flux_example_defaults_serve_flux_schnell_on_a_gpu(object_info):
         name in note for files in make_workflows.FLUX_FILES.values() for name in files.values())
 
 
-def test_flux_example_queues_and_is_refused_only_for_its_missing_model_files(server, object_info):
-    """On an install without FLUX weights, ComfyUI checks the whole graph when it is queued: every value
-    but the four model file names is valid, and the refusal names those files, as a user sees it."""
+def test_zimage_example_defaults_serve_z_image_turbo_on_a_gpu(object_info):
+    workflow = load(make_workflows.ZIMAGE_TITLE)
+    (collect,) = widgets(workflow, object_info, "ACTCollectActivations")
+    assert collect["resolution"] == 0 and collect["where"] == "both" and collect["noise_levels"] == 1
+    (loader,) = widgets(workflow, object_info, "CLIPLoader")
+    assert loader["type"] == "lumina2" and "qwen_3_4b" in loader["clip_name"]
+    (sampler,) = widgets(workflow, object_info, "KSampler")
+    assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
+        9, 1.0, "res_multistep", "simple")
+    (shift,) = widgets(workflow, object_info, "ModelSamplingAuraFlow")
+    assert shift["shift"] == 3.0
+    prompt = make_workflows.to_api_prompt(workflow, object_info)
+    (shift_id,) = [i for i, n in prompt.items() if n["class_type"] == "ModelSamplingAuraFlow"]
+    (apply_id,) = [i for i, n in prompt.items() if n["class_type"] == "ACTApplyTransportMaps"]
+    assert prompt[shift_id]["inputs"]["model"] == [apply_id, 0], "the shift goes after Apply, on the steered model"
+    (note,) = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "Note"]
+    assert all(name in note for files in make_workflows.ZIMAGE_FILES.values() for name in files.values())
+
+
+@pytest.mark.parametrize("title", list(make_workflows.REAL_WEIGHTS))
+def test_real_weights_example_queues_and_is_refused_only_for_its_missing_model_files(server, object_info, title):
+    """On an install without the family's weights, ComfyUI checks the whole graph when it is queued: every
+    value but the model file names is valid, and the refusal names those files, as a user sees it."""
     import urllib.error
-    prompt = make_workflows.to_api_prompt(load(make_workflows.FLUX_TITLE), object_info)
+    files = make_workflows.REAL_WEIGHTS[title]
+    prompt = make_workflows.to_api_prompt(load(title), object_info)
     with pytest.raises(urllib.error.HTTPError) as refused:
         server.post("/prompt", {"prompt": prompt})
     reply = json.loads(refused.value.read())
     problems = {(prompt[node]["class_type"], error["extra_info"]["input_name"])
                 for node, found in reply["node_errors"].items() for error in found["errors"]}
-    assert problems == {(loader, name) for loader, files in make_workflows.FLUX_FILES.items() for name in files}
+    assert problems == {(loader, name) for loader, names in files.items() for name in names}
     assert all("not in list" in e["message"].lower() or "value not in list" in e["details"].lower()
                for found in reply["node_errors"].values() for e in found["errors"]), reply["node_errors"]
 
