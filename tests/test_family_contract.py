@@ -155,6 +155,11 @@ def test_text_encoder_maps_cover_its_norms_and_dial_the_conditioning(pack, model
     modules = pack.nodes.model_layers.clip_modules(clip)
     assert {n.split(".", 1)[0] for n in text} == encoders
     assert set(text) == {n for n, m in modules.items() if chosen(n, m)}
+    # Chosen so before collecting, not only kept after it: a layer no text prompt runs is not chosen.
+    collection = pack.nodes.collection
+    collector = collection.Collector(model, clip, SOURCE.splitlines(), TARGET.splitlines(),
+                                     collection.CollectSettings(where="text encoder"))
+    assert set(collector.text_layers) == set(text)
     assert any(n.startswith("diffusion_model.") for n in maps)
     plain = conditioning(clip)
     distances = []
