@@ -259,8 +259,12 @@ class Collector:
                         if pooled and all(p is not None for p in pooled) else None)
         extra = self.spec.extras(batch_pooled, self.resolution)
         positive = [[cond, extra]]
-        channels = self.model.model.latent_format.latent_channels
-        shape = (samples, channels, self.resolution // 8, self.resolution // 8)
+        latent_format = self.model.model.latent_format
+        # A video-style latent (Qwen-Image's Wan 2.1 format) has a frame axis: one frame, as ComfyUI
+        # gives an empty image latent for it (comfy.sample.fix_empty_latent_channels).
+        frames = (1,) if getattr(latent_format, "latent_dimensions", 2) == 3 else ()
+        shape = (samples, latent_format.latent_channels, *frames, self.resolution // 8, self.resolution // 8)
+        per_sample = (-1,) + (1,) * (len(shape) - 1)
         # Source prompt i and target prompt i start from the same noise: their difference is the prompt.
         pairs = [p if p < self.n_source else p - self.n_source for p in prompts for _ in range(self.levels)]
         noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(self.settings.seed + p))
@@ -273,9 +277,9 @@ class Collector:
             s = sigma_vec.to(x.device, x.dtype)
             latent = torch.zeros_like(x)
             n = noise.to(x.device, x.dtype)
-            first = (s >= sigma_max * (1 - 1e-5)).view(-1, 1, 1, 1)
-            x_in = torch.where(first, ms.noise_scaling(s.view(-1, 1, 1, 1), n, latent, True),
-                               ms.noise_scaling(s.view(-1, 1, 1, 1), n, latent, False))
+            first = (s >= sigma_max * (1 - 1e-5)).view(per_sample)
+            x_in = torch.where(first, ms.noise_scaling(s.view(per_sample), n, latent, True),
+                               ms.noise_scaling(s.view(per_sample), n, latent, False))
             if inside is not None:
                 inside()
             else:

@@ -33,11 +33,16 @@ def _is_rms_norm(module: torch.nn.Module) -> bool:
     return any(c.__name__ == "RMSNorm" for c in type(module).__mro__)
 
 
+# Attention's per-head query and key norms, as the families name them (Lumina 2 and Qwen3: q_norm,
+# k_norm; Qwen-Image: norm_q, norm_k and the text stream's norm_added_q, norm_added_k).
+PER_HEAD_NORMS = ("q_norm", "k_norm", "norm_q", "norm_k", "norm_added_q", "norm_added_k")
+
+
 def stream_norm_layers(name: str, module: torch.nn.Module) -> bool:
     """Every LayerNorm / RMSNorm of the token stream: the paper's choice on transformers normalised
     with RMSNorm. Attention's per-head query and key norms are not the stream (their outputs are
     [batch, heads, tokens, head width]) and are left out."""
-    if name.rsplit(".", 1)[-1] in ("q_norm", "k_norm"):
+    if name.rsplit(".", 1)[-1] in PER_HEAD_NORMS:
         return False
     return isinstance(module, NORM_TYPES) or _is_rms_norm(module)
 
@@ -72,8 +77,13 @@ class TextEncoder:
     # around it): a prompt counts as the mean over its own tokens, the template's are the same on both
     # sides and are not part of the concept.
     chat_template: bool = False
+    # Its sub-modules that only encode pictures given with a prompt (Qwen2.5-VL's vision tower, which
+    # Qwen-Image-Edit's text node feeds): a text prompt never runs them, so they are no default layer.
+    pictures_only: tuple[str, ...] = ()
 
     def is_norm(self, name: str, module: torch.nn.Module) -> bool:
+        if any(f".{part}." in f".{name}." for part in self.pictures_only):
+            return False
         if self.chat_template:
             return stream_norm_layers(name, module)
         return isinstance(module, NORM_TYPES) or type(module).__name__ in self.norms
@@ -104,6 +114,10 @@ T5XXL = TextEncoder("t5xxl", "t5xxl", norms=("T5LayerNorm",))
 # Qwen3-4B (comfy/text_encoders/llama.py), in Z-Image's chat template; its RMSNorms carry a weight and
 # no bias, so no fold can take a map's shift.
 QWEN3_4B = TextEncoder("qwen3_4b", "qwen3_4b", chat_template=True)
+# Qwen2.5-VL-7B (comfy/text_encoders/qwen_image.py), in Qwen-Image's chat template (a system prompt, then
+# the user's); ComfyUI reads its last layer after the final norm, so every layer of its language model
+# reaches the diffusion model.
+QWEN25_7B = TextEncoder("qwen25_7b", "qwen25_7b", chat_template=True, pictures_only=("visual",))
 
 
 @dataclass(frozen=True)
@@ -177,6 +191,15 @@ FAMILIES: tuple[Family, ...] = (
     # space variant has no VAE latent and a decoder of its own.
     Family("Z-Image", ("ZImage",), (QWEN3_4B,), 1024, default_layers=stream_norm_layers,
            default_layers_text="normalization layers (RMSNorm, LayerNorm)", excluded=("ZImagePixelSpace",),
+           one_text_length=False),
+    # MMDiT-like blocks with an image and a text stream, each normalised by LayerNorms without weight
+    # (img_norm1/2, txt_norm1/2, as FLUX.1's), after the RMSNorm on the text encoder's output
+    # (txt_norm); no pooled or vector input. Its text encoder drops the template's system prompt from
+    # the start of its output once per call, so prompts joined as chunks of one call would all but
+    # the first keep theirs: prompts are encoded one by one. 1024: ComfyUI gives this family no size
+    # of its own but scales Qwen-Image-Edit's reference pictures to 1024 x 1024 pixels.
+    Family("Qwen-Image", ("QwenImage",), (QWEN25_7B,), 1024, default_layers=stream_norm_layers,
+           default_layers_text="normalization layers (RMSNorm, LayerNorm)", batched_text=False,
            one_text_length=False),
 )
 

@@ -1,6 +1,6 @@
 """Random-weight Stable Diffusion models built with ComfyUI's own classes (nothing is downloaded).
 
-    tiny_model("SD15" | "SD2" | "SDXL" | "SD3" | "FLUX" | "Chroma" | "Z-Image", seed)
+    tiny_model("SD15" | "SD2" | "SDXL" | "SD3" | "FLUX" | "Chroma" | "Z-Image" | "Qwen-Image", seed)
                                                 -> (MODEL, CLIP, VAE) small enough for CPU tests
     write_thin_sd15(folder)                     -> a checkpoint file that CheckpointLoaderSimple
                                                    detects as SD1.5: full-size CLIP-L and VAE, a UNet
@@ -34,6 +34,11 @@ TINY_T5 = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers":
 # second-to-last layer's output: three layers keep that meaningful.
 TINY_QWEN3 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
               "num_key_value_heads": 1}
+
+# Qwen2.5-VL-7B's layout (its 152,064-token vocabulary, heads of 128) at width 64; Qwen-Image reads the
+# last layer. Its vision tower is built at full size whatever the config (see build_clip).
+TINY_QWEN25 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 1}
 
 TINY_VAE = {"params": {"embed_dim": 4, "ddconfig": {
     "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
@@ -150,16 +155,34 @@ def zimage_config() -> dict:
     return cfg
 
 
+def qwen_image_config() -> dict:
+    """A tiny Qwen-Image: two blocks of width 64 (two heads of 32) reading the tiny Qwen2.5-VL's output.
+    Detection reads the input width and the block count from the keys; the heads, their rotary axes and
+    the text width are the transformer's full-size defaults, set here."""
+    hidden = 64
+    shapes = {"txt_norm.weight": (TINY_QWEN25["hidden_size"],), "img_in.weight": (hidden, 16 * 2 * 2),
+              "proj_out.weight": (16 * 2 * 2, hidden)}
+    for i in range(2):
+        shapes[f"transformer_blocks.{i}.img_mod.1.weight"] = (6 * hidden, hidden)
+    cfg = detected_config(shapes, "qwen_image")
+    cfg.update(attention_head_dim=32, num_attention_heads=hidden // 32, joint_attention_dim=TINY_QWEN25["hidden_size"],
+               axes_dims_rope=(8, 12, 12))
+    return cfg
+
+
 # Families whose tiny configuration comes from the host's detection, and so does their config class
 # (for Z-Image, detection's choice for the full-size file).
-DETECTED = {"Chroma": chroma_config, "Z-Image": zimage_config}
+DETECTED = {"Chroma": chroma_config, "Z-Image": zimage_config, "Qwen-Image": qwen_image_config}
 
 
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Fill every parameter with seeded values; comfy.ops layers start as uninitialised memory."""
+def randomize(module: torch.nn.Module, seed: int, skip: str | None = None) -> None:
+    """Fill every parameter with seeded values (those under `skip` left out); comfy.ops layers start
+    as uninitialised memory."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
+            if skip and name.startswith(skip):
+                continue
             if p.ndim >= 2:
                 fan_in = p[0].numel()
                 values = torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)
@@ -218,13 +241,16 @@ def build_clip(cfg, family: str, seed: int, full_size: bool = False):
         options = {"model_name": "clip_h", "clip_h_model_config": dict(TINY_CLIP)}
     else:
         options = {"clip_l_model_config": dict(TINY_CLIP), "clip_g_model_config": dict(TINY_CLIP),
-                   "t5xxl_model_config": dict(TINY_T5), "qwen3_4b_model_config": dict(TINY_QWEN3)}
+                   "t5xxl_model_config": dict(TINY_T5), "qwen3_4b_model_config": dict(TINY_QWEN3),
+                   "qwen25_7b_model_config": dict(TINY_QWEN25)}
     if family == "SD3":
         # The SD3 config reads which encoders exist from a checkpoint's keys; name them here.
         target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
                                                         comfy.text_encoders.sd3_clip.sd3_clip(t5=False))
     clip = comfy.sd.CLIP(target, model_options=options)
-    randomize(clip.cond_stage_model, seed + 1)
+    # Qwen2.5-VL's vision tower has a fixed size (658 M weights, seconds to fill) and only encodes
+    # pictures given with a prompt; no test gives one, so it is left unfilled and never runs.
+    randomize(clip.cond_stage_model, seed + 1, skip="qwen25_7b.transformer.visual." if family == "Qwen-Image" else None)
     return clip
 
 
@@ -240,7 +266,8 @@ def build_vae(seed: int, full_size: bool = False, channels: int = 4):
 
 
 def tiny_model(family: str = "SD15", seed: int = 0):
-    """(MODEL, CLIP, VAE) for a tiny random-weight model of the family: SD15, SD2 or SDXL."""
+    """(MODEL, CLIP, VAE) for a tiny random-weight model of the family. The VAE is a 2D one with the
+    family's latent channels: it does not decode Qwen-Image's latents, which have a frame axis."""
     model, cfg = build_model(family, seed)
     return model, build_clip(cfg, family, seed), build_vae(seed, channels=cfg.latent_format.latent_channels)
 

@@ -30,8 +30,8 @@ TARGET = "\n".join(f"a photo of {t}" for t in THINGS)
 def named(*classes):
     """Modules of these classes (by name: ComfyUI's norm classes do not all derive from torch's),
     attention's per-head query and key norms left out."""
-    return lambda name, module: (type(module).__name__ in classes
-                                 and name.rsplit(".", 1)[-1] not in ("q_norm", "k_norm", "query_norm", "key_norm"))
+    per_head = ("q_norm", "k_norm", "query_norm", "key_norm", "norm_q", "norm_k", "norm_added_q", "norm_added_k")
+    return lambda name, module: type(module).__name__ in classes and name.rsplit(".", 1)[-1] not in per_head
 
 
 # fixture -> (family name, tiny model, the text encoders its CLIP carries, the default layers of the
@@ -43,7 +43,13 @@ FAMILIES = {
     "zimage": ("Z-Image", "Z-Image", {"qwen3_4b"},
                lambda n, m: named("RMSNorm")(n, m) and ".layers.2." not in n and not n.endswith("model.norm"),
                named("RMSNorm", "LayerNorm")),
+    # Qwen-Image reads the last layer after the final norm: every norm of the language model counts; its
+    # vision tower only sees pictures.
+    "qwen_image": ("Qwen-Image", "Qwen-Image", {"qwen25_7b"},
+                   lambda n, m: named("RMSNorm")(n, m) and ".visual." not in n, named("RMSNorm", "LayerNorm")),
 }
+# The chat-template encoder of each family that has one (its attribute, also the key of its tokens).
+CHAT = {"zimage": "qwen3_4b", "qwen_image": "qwen25_7b"}
 FIXTURES = list(FAMILIES)
 
 
@@ -149,6 +155,11 @@ def test_text_encoder_maps_cover_its_norms_and_dial_the_conditioning(pack, model
     modules = pack.nodes.model_layers.clip_modules(clip)
     assert {n.split(".", 1)[0] for n in text} == encoders
     assert set(text) == {n for n, m in modules.items() if chosen(n, m)}
+    # Chosen so before collecting, not only kept after it: a layer no text prompt runs is not chosen.
+    collection = pack.nodes.collection
+    collector = collection.Collector(model, clip, SOURCE.splitlines(), TARGET.splitlines(),
+                                     collection.CollectSettings(where="text encoder"))
+    assert set(collector.text_layers) == set(text)
     assert any(n.startswith("diffusion_model.") for n in maps)
     plain = conditioning(clip)
     distances = []
@@ -233,17 +244,20 @@ def test_interrupting_collection_leaves_nothing_behind(pack, models, fixture):
     assert torch.equal(sample(model, clip), before)
 
 
-def test_zimage_prompts_count_by_their_own_tokens_not_the_chat_template(pack, models, fitted):
-    """Z-Image's tokenizer wraps each prompt in Qwen's chat markers; a prompt's recorded activation is
-    the mean over its own tokens, found here by the host's tokenizer on the bare prompt."""
-    _, clip, _ = models("zimage")
-    activations = fitted("zimage")[0]
-    layer = "qwen3_4b.transformer.model.layers.0.input_layernorm"
+@pytest.mark.parametrize("fixture", list(CHAT))
+def test_prompts_count_by_their_own_tokens_not_the_chat_template(pack, models, fitted, fixture):
+    """The tokenizer wraps each prompt in Qwen's chat markers (Qwen-Image's also in a system prompt); a
+    prompt's recorded activation is the mean over its own tokens, found here by the host's tokenizer on
+    the bare prompt."""
+    _, clip, _ = models(fixture)
+    activations = fitted(fixture)[0]
+    encoder = CHAT[fixture]
+    layer = f"{encoder}.transformer.model.layers.0.input_layernorm"
     module = pack.nodes.model_layers.clip_modules(clip)[layer]
-    hf_tokenizer = clip.tokenizer.qwen3_4b.tokenizer
+    hf_tokenizer = getattr(clip.tokenizer, encoder).tokenizer
     for index, prompt in ((0, SOURCE.splitlines()[0]), (2, SOURCE.splitlines()[2])):
         tokens = clip.tokenize(prompt)
-        ids = [t[0] for t in tokens["qwen3_4b"][0]]
+        ids = [t[0] for t in tokens[encoder][0]]
         own = hf_tokenizer(prompt)["input_ids"]
         start = next(i for i in range(len(ids)) if ids[i:i + len(own)] == own)
         assert 0 < start and start + len(own) < len(ids)  # markers on both sides
