@@ -197,55 +197,50 @@ def test_example_runs_to_images_at_small_sizes(server, object_info, title):
     assert images
 
 
-def test_the_shapes_demo_template_shows_stripes_appear_as_it_ships(server, object_info):
-    """Queued exactly as the file is (no shrinking): the strength 0 picture has no stripes, the picture
-    at 1 and 1.5 has them, as the scorer reads the pixels. A second output keeps each strength's picture."""
+def run_shapes_template(server, object_info, words: str) -> tuple:
+    """Queue the shapes template whose title holds `words` exactly as the file is (no shrinking), with a
+    second output that keeps each strength's picture. Returns (prompt, history entry, {strength: the
+    scorer's reading of that picture}), and a reader for any other saved image."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from demo import shapes
-    (title,) = [t for t in make_workflows.SPECS if "try it in seconds" in t]
+    (title,) = [t for t in make_workflows.SPECS if words in t]
     prompt = make_workflows.to_api_prompt(load(title), object_info)
     (scale_id,) = [i for i, node in prompt.items() if node["class_type"] == "ImageScale"]
     prompt["frames"] = {"class_type": "SaveImage", "inputs": {"images": [scale_id, 0], "filename_prefix": "act_test_frames"}}
     entry = server.run(prompt, timeout=600)
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+
+    def read(image_entry) -> dict:
+        with Image.open(server.output_file(image_entry)) as image:
+            pixels = np.asarray(image.convert("RGB").resize((shapes.SIZE, shapes.SIZE), Image.BOX), np.float32) / 255
+        return shapes.score(pixels)
     frames = entry["outputs"]["frames"]["images"]
     (sweep,) = [node for node in prompt.values() if node["class_type"] == "ACTStrengthSweep"]
     strengths = [float(s) for s in sweep["inputs"]["strengths"].split(",")]
     assert len(frames) == len(strengths)
-    styles = {}
-    for strength, frame in zip(strengths, frames):
-        with Image.open(server.output_file(frame)) as image:
-            pixels = np.asarray(image.convert("RGB").resize((shapes.SIZE, shapes.SIZE), Image.BOX), np.float32) / 255
-        styles[strength] = shapes.score(pixels)["background"]
+    return prompt, entry, {strength: read(frame) for strength, frame in zip(strengths, frames)}, read
+
+
+def test_the_shapes_demo_template_shows_stripes_appear_as_it_ships(server, object_info):
+    """The strength 0 picture has no stripes, the picture at 1 and 1.5 has them, as the scorer reads the pixels."""
+    _, _, found, _ = run_shapes_template(server, object_info, "try it in seconds")
+    styles = {strength: f["background"] for strength, f in found.items()}
     assert styles[0.0] != "striped" and styles[1.0] == styles[1.5] == "striped", styles
 
 
 def test_the_shapes_removal_template_removes_the_red_square_and_keeps_the_circle_as_it_ships(server, object_info):
-    """Queued exactly as the file is: at strength 0 the model draws the large red square and the small blue
-    circle; from 0.5 the red square is gone and the circle stays, as the scorer reads the pixels. The
-    picture beside it (no maps, the concept as negative prompt) still has the red square, as its note says."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from demo import shapes
-    (title,) = [t for t in make_workflows.SPECS if "remove a concept in seconds" in t]
-    prompt = make_workflows.to_api_prompt(load(title), object_info)
-    (scale_id,) = [i for i, node in prompt.items() if node["class_type"] == "ImageScale"]
-    prompt["frames"] = {"class_type": "SaveImage", "inputs": {"images": [scale_id, 0], "filename_prefix": "act_test_frames"}}
-    entry = server.run(prompt, timeout=600)
-    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    """At strength 0 the model draws the large red square and the small blue circle; from 0.5 the red
+    square is gone and the circle stays, as the scorer reads the pixels. The picture beside it (no maps,
+    the concept as negative prompt) still has the red square, as its note says."""
+    prompt, entry, found, read = run_shapes_template(server, object_info, "remove a concept in seconds")
 
-    def objects(image_entry) -> list[tuple]:
-        with Image.open(server.output_file(image_entry)) as image:
-            pixels = np.asarray(image.convert("RGB").resize((shapes.SIZE, shapes.SIZE), Image.BOX), np.float32) / 255
-        return sorted((o["size"], o["colour"], o["shape"]) for o in shapes.score(pixels)["objects"])
-
-    (sweep,) = [node for node in prompt.values() if node["class_type"] == "ACTStrengthSweep"]
-    strengths = [float(s) for s in sweep["inputs"]["strengths"].split(",")]
-    frames = entry["outputs"]["frames"]["images"]
-    drawn = {strength: objects(frame) for strength, frame in zip(strengths, frames)}
+    def objects(reading: dict) -> list[tuple]:
+        return sorted((o["size"], o["colour"], o["shape"]) for o in reading["objects"])
+    drawn = {strength: objects(f) for strength, f in found.items()}
     square, circle = ("large", "red", "square"), ("small", "blue", "circle")
     assert drawn[0.0] == sorted([square, circle]), drawn
-    assert all(drawn[s] == [circle] for s in strengths if s >= 0.5), drawn
+    assert all(drawn[s] == [circle] for s in drawn if s >= 0.5), drawn
     (baseline_id,) = [i for i, node in prompt.items() if node["class_type"] == "SaveImage"
                       and node["inputs"]["filename_prefix"] == "act_shapes_negative_prompt"]
     (baseline,) = entry["outputs"][baseline_id]["images"]
-    assert square in objects(baseline)
+    assert square in objects(read(baseline))

@@ -93,62 +93,11 @@ def _apply(strength, col: int = 2, row: int = 0) -> dict:
     return {"apply": {"type": "ACTApplyTransportMaps", "col": col, "row": row, "widgets": widgets, "links": links}}
 
 
-def _shapes_demo() -> dict:
-    """The one template that shows a visible effect on any machine in seconds: the shapes demo model
-    learns 'striped background' from 32 prompt pairs, and the grid shows the dial from 0 to 1.5."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from demo.tasks import TASKS
-    source, target = TASKS["style"].fit_prompts(SHAPES_PROMPT_COUNT)
+def _shapes_dial(prompt: str, save_prefix: str) -> dict:
+    """The shapes templates' dial: Strength Sweep into Apply (maps from "fit"), the prompt sampled at
+    each strength, scaled 4x and laid out as a labelled grid."""
     model, clip = ["apply", 0], ["apply", 1]
     return {
-        "ckpt": {"type": "ACTLoadShapesDemoModel", "col": 0, "row": 0},
-        "collect": {"type": "ACTCollectActivations", "col": 1, "row": 0,
-                    "widgets": {"source_prompts": "\n".join(source), "target_prompts": "\n".join(target),
-                                **COLLECT, "batch_size": 64},
-                    "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1]}},
-        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "links": {"activations": ["collect", 0]}},
-        "sweep": {"type": "ACTStrengthSweep", "col": 2, "row": 0, "widgets": {"strengths": "0, 0.5, 1, 1.5"}},
-        "apply": {"type": "ACTApplyTransportMaps", "col": 2, "row": 1,
-                  "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "maps": ["fit", 0], "strength": ["sweep", 0]}},
-        "pos": {"type": "CLIPTextEncode", "col": 3, "row": 0,
-                "widgets": {"text": "a large yellow circle and a small blue triangle"}, "links": {"clip": clip}},
-        "neg": {"type": "CLIPTextEncode", "col": 3, "row": 1, "widgets": {"text": ""}, "links": {"clip": clip}},
-        "latent": {"type": "EmptyLatentImage", "col": 3, "row": 2,
-                   "widgets": {"width": SHAPES_PIXELS, "height": SHAPES_PIXELS, "batch_size": 1}},
-        "sampler": {"type": "KSampler", "col": 4, "row": 0,
-                    "widgets": {"seed": 3, **SHAPES_SAMPLER, "denoise": 1.0},
-                    "links": {"model": model, "positive": ["pos", 0], "negative": ["neg", 0],
-                              "latent_image": ["latent", 0]}},
-        "decode": {"type": "VAEDecode", "col": 4, "row": 1, "links": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
-        "scale": {"type": "ImageScale", "col": 4, "row": 2, "links": {"image": ["decode", 0]},
-                  "widgets": {"upscale_method": "nearest-exact", "width": 4 * SHAPES_PIXELS,
-                              "height": 4 * SHAPES_PIXELS, "crop": "disabled"}},
-        "grid": {"type": "ACTStrengthGrid", "col": 5, "row": 0,
-                 "links": {"images": ["scale", 0], "strength": ["sweep", 0]}},
-        "savegrid": {"type": "SaveImage", "col": 5, "row": 1, "widgets": {"filename_prefix": "act_shapes_demo"},
-                     "links": {"images": ["grid", 0]}},
-    }
-
-
-def _shapes_removal() -> dict:
-    """Removal a newcomer sees in seconds: Concept Prompts puts 'a large red square' into 32 shapes
-    captions in its twelve ways; the concept's words only remove it along the dial, and beside the
-    grid the untouched model with the concept as its negative prompt draws what a user would try first."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from demo.tasks import CONCEPT_PROMPTS_CONCEPT, TASKS
-    captions = TASKS["concept_prompts_red"].captions(SHAPES_PROMPT_COUNT)
-    model, clip = ["apply", 0], ["apply", 1]
-    prompt = REMOVAL_PROMPT
-    return {
-        "ckpt": {"type": "ACTLoadShapesDemoModel", "col": 0, "row": 0},
-        "prompts": {"type": "ACTConceptPrompts", "col": 0, "row": 1,
-                    "widgets": {"concept": CONCEPT_PROMPTS_CONCEPT, "direction": "remove",
-                                "count": SHAPES_PROMPT_COUNT, "captions": "\n".join(captions)}},
-        "collect": {"type": "ACTCollectActivations", "col": 1, "row": 0, "widgets": {**COLLECT, "batch_size": 64},
-                    "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "source_prompts": ["prompts", 0],
-                              "target_prompts": ["prompts", 1]}},
-        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "widgets": {"moves": "the concept's words only"},
-                "links": {"activations": ["collect", 0]}},
         "sweep": {"type": "ACTStrengthSweep", "col": 2, "row": 0, "widgets": {"strengths": "0, 0.5, 1, 1.5"}},
         "apply": {"type": "ACTApplyTransportMaps", "col": 2, "row": 1,
                   "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "maps": ["fit", 0], "strength": ["sweep", 0]}},
@@ -166,8 +115,46 @@ def _shapes_removal() -> dict:
                               "height": 4 * SHAPES_PIXELS, "crop": "disabled"}},
         "grid": {"type": "ACTStrengthGrid", "col": 5, "row": 0,
                  "links": {"images": ["scale", 0], "strength": ["sweep", 0]}},
-        "savegrid": {"type": "SaveImage", "col": 5, "row": 1, "widgets": {"filename_prefix": "act_shapes_removal"},
+        "savegrid": {"type": "SaveImage", "col": 5, "row": 1, "widgets": {"filename_prefix": save_prefix},
                      "links": {"images": ["grid", 0]}},
+    }
+
+
+def _shapes_demo() -> dict:
+    """The one template that shows a visible effect on any machine in seconds: the shapes demo model
+    learns 'striped background' from 32 prompt pairs, and the grid shows the dial from 0 to 1.5."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from demo.tasks import TASKS
+    source, target = TASKS["style"].fit_prompts(SHAPES_PROMPT_COUNT)
+    return {
+        "ckpt": {"type": "ACTLoadShapesDemoModel", "col": 0, "row": 0},
+        "collect": {"type": "ACTCollectActivations", "col": 1, "row": 0,
+                    "widgets": {"source_prompts": "\n".join(source), "target_prompts": "\n".join(target),
+                                **COLLECT, "batch_size": 64},
+                    "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1]}},
+        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "links": {"activations": ["collect", 0]}},
+    } | _shapes_dial("a large yellow circle and a small blue triangle", "act_shapes_demo")
+
+
+def _shapes_removal() -> dict:
+    """Removal a newcomer sees in seconds: Concept Prompts puts 'a large red square' into 32 shapes
+    captions in its twelve ways; the concept's words only remove it along the dial, and beside the
+    grid the untouched model with the concept as its negative prompt draws what a user would try first."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from demo.tasks import CONCEPT_PROMPTS_CONCEPT, TASKS
+    captions = TASKS["concept_prompts_red"].captions(SHAPES_PROMPT_COUNT)
+    prompt = REMOVAL_PROMPT
+    return {
+        "ckpt": {"type": "ACTLoadShapesDemoModel", "col": 0, "row": 0},
+        "prompts": {"type": "ACTConceptPrompts", "col": 0, "row": 1,
+                    "widgets": {"concept": CONCEPT_PROMPTS_CONCEPT, "direction": "remove",
+                                "count": SHAPES_PROMPT_COUNT, "captions": "\n".join(captions)}},
+        "collect": {"type": "ACTCollectActivations", "col": 1, "row": 0, "widgets": {**COLLECT, "batch_size": 64},
+                    "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "source_prompts": ["prompts", 0],
+                              "target_prompts": ["prompts", 1]}},
+        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "widgets": {"moves": "the concept's words only"},
+                "links": {"activations": ["collect", 0]}},
+    } | _shapes_dial(prompt, "act_shapes_removal") | {
         # What a user would try instead: the same prompt and seed, no maps, the concept as negative prompt.
         "basepos": {"type": "CLIPTextEncode", "col": 3, "row": 3, "title": "Prompt (no maps)",
                     "widgets": {"text": prompt}, "links": {"clip": ["ckpt", 1]}},
