@@ -93,9 +93,11 @@ def _apply(strength, col: int = 2, row: int = 0) -> dict:
     return {"apply": {"type": "ACTApplyTransportMaps", "col": col, "row": row, "widgets": widgets, "links": links}}
 
 
-def _shapes_dial(prompt: str, save_prefix: str) -> dict:
+def _shapes_dial(prompt: str, save_prefix: str, drop: int = 0) -> dict:
     """The shapes templates' dial: Strength Sweep into Apply (maps from "fit"), the prompt sampled at
-    each strength, scaled 4x and laid out as a labelled grid."""
+    each strength, scaled 4x and laid out as a labelled grid. drop: the grid's column starts that much
+    lower, where a graph tall enough to fill the window's height would put it under ComfyUI's Run and
+    queue panels in the top right corner."""
     model, clip = ["apply", 0], ["apply", 1]
     return {
         "sweep": {"type": "ACTStrengthSweep", "col": 2, "row": 0, "widgets": {"strengths": "0, 0.5, 1, 1.5"}},
@@ -113,7 +115,7 @@ def _shapes_dial(prompt: str, save_prefix: str) -> dict:
         "scale": {"type": "ImageScale", "col": 4, "row": 2, "links": {"image": ["decode", 0]},
                   "widgets": {"upscale_method": "nearest-exact", "width": 4 * SHAPES_PIXELS,
                               "height": 4 * SHAPES_PIXELS, "crop": "disabled"}},
-        "grid": {"type": "ACTStrengthGrid", "col": 5, "row": 0,
+        "grid": {"type": "ACTStrengthGrid", "col": 5, "row": 0, "drop": drop,
                  "links": {"images": ["scale", 0], "strength": ["sweep", 0]}},
         "savegrid": {"type": "SaveImage", "col": 5, "row": 1, "widgets": {"filename_prefix": save_prefix},
                      "links": {"images": ["grid", 0]}},
@@ -154,7 +156,7 @@ def _shapes_removal() -> dict:
                               "target_prompts": ["prompts", 1]}},
         "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "widgets": {"moves": "the concept's words only"},
                 "links": {"activations": ["collect", 0]}},
-    } | _shapes_dial(prompt, "act_shapes_removal") | {
+    } | _shapes_dial(prompt, "act_shapes_removal", drop=200) | {
         # What a user would try instead: the same prompt and seed, no maps, the concept as negative prompt.
         "basepos": {"type": "CLIPTextEncode", "col": 3, "row": 3, "title": "Prompt (no maps)",
                     "widgets": {"text": prompt}, "links": {"clip": ["ckpt", 1]}},

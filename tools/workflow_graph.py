@@ -49,17 +49,19 @@ def _note_height(text: str) -> int:
     return 40 + 14 * lines
 
 
-def _stack_columns(nodes: list[dict], columns: list[int], rows: list[int]) -> None:
-    """Each column top to bottom in row order, with a gap between nodes."""
+def _stack_columns(nodes: list[dict], columns: list[int], rows: list[int], drops: list[int]) -> None:
+    """Each column top to bottom in row order, with a gap between nodes; a node's `drop` moves it (and
+    the rest of its column) further down."""
     tops: dict[int, int] = {}
-    for node, col, _row in sorted(zip(nodes, columns, rows), key=lambda t: (t[1], t[2])):
-        top = tops.get(col, 40)
+    for node, col, _row, drop in sorted(zip(nodes, columns, rows, drops), key=lambda t: (t[1], t[2])):
+        top = tops.get(col, 40) + drop
         node["pos"] = [40 + COLUMN * col, top]
         tops[col] = top + node["size"][1] + GAP
 
 
 def build(spec: dict, object_info: dict) -> dict:
-    """spec: {"nodes": {key: {"type", "col", "row", "widgets": {...}, "links": {input: [key, slot]}}},
+    """spec: {"nodes": {key: {"type", "col", "row", "widgets": {...}, "links": {input: [key, slot]},
+    optional "title" and "drop" (pixels of extra space above it)}},
     "notes": [(text, col, row)]} -> editor-format workflow."""
     ids = {key: i + 1 for i, key in enumerate(spec["nodes"])}
     nodes, links = [], []
@@ -96,7 +98,8 @@ def build(spec: dict, object_info: dict) -> dict:
                       "inputs": inputs,
                       "outputs": [], "properties": {"Node name for S&R": node["type"]}, "widgets_values": widgets,
                       "title": node.get("title", info.get("display_name", node["type"]))})
-    _stack_columns(nodes, [n["col"] for n in spec["nodes"].values()], [n["row"] for n in spec["nodes"].values()])
+    specs = spec["nodes"].values()
+    _stack_columns(nodes, [n["col"] for n in specs], [n["row"] for n in specs], [n.get("drop", 0) for n in specs])
     for node in nodes:
         info = object_info[node["type"]]
         node["outputs"] = [{"name": name, "type": kind, "links": outputs_links.get((node["id"], slot), []),
