@@ -281,6 +281,10 @@ def checkpoint_state_dict(model, clip, vae) -> dict:
     as its own CheckpointSave does, and return plain CPU tensors (newer hosts hand out lazily cast ones).
     """
     if hasattr(model, "state_dict_for_saving"):
+        # As the host's comfy.sd.save_checkpoint: both loaded first (an unloaded model's weights may be
+        # lazily cast stand-ins on a newer host).
+        import comfy.model_management
+        comfy.model_management.load_models_gpu([model, clip.load_model()])
         clip_sd = clip.state_dict_for_saving() if hasattr(clip, "state_dict_for_saving") else clip.get_sd()
         sd = model.state_dict_for_saving(clip_sd, vae.get_sd(), None)
     else:
