@@ -69,9 +69,10 @@ def _bounds(chunks: list, tokenizer, key: str) -> tuple[list[int], list[tuple[in
     return ids, bounds
 
 
-def _ids(collector, tokens: dict) -> list[int]:
+def _stream_ids(collector, tokens: dict) -> tuple[list[int], list[tuple[int, int]]]:
+    """A collected prompt's ids and each chunk's word bounds, in the stream the conditioning follows."""
     key = stream(tokens)
-    return _bounds(tokens[key], collector.clip.tokenizer, key)[0]
+    return _bounds(tokens[key], collector.clip.tokenizer, key)
 
 
 def pairs_taking_words_out(collector) -> int:
@@ -83,8 +84,7 @@ def pairs_taking_words_out(collector) -> int:
                        "pair line by line")
     words = []
     for tokens in collector.tokens:
-        key = stream(tokens)
-        ids, bounds = _bounds(tokens[key], collector.clip.tokenizer, key)
+        ids, bounds = _stream_ids(collector, tokens)
         words.append([i for a, b in bounds for i in ids[a:b]])  # the prompt's words: no start, end or padding
     return sum(takes_words_out(s, t) for s, t in zip(words[:n], words[n:]))
 
@@ -100,7 +100,7 @@ def fit_from_collector(collector) -> ConceptWords:
     with torch.inference_mode():
         for tokens in collector.tokens:
             cond = collector.clip.encode_from_tokens(tokens).float().cpu()[0]
-            ids = _ids(collector, tokens)
+            ids, _ = _stream_ids(collector, tokens)
             if len(ids) != cond.shape[0]:
                 raise ActError("'the concept's words only' needs a conditioning of one token per position of the "
                                f"prompt's tokens ({len(ids)} tokens gave {cond.shape[0]}); choose 'every token "
