@@ -26,6 +26,10 @@ WEIGHTS = Path(__file__).resolve().parent / "shapes-sd1-tiny.safetensors"
 PIXELS = 64  # ComfyUI image side; the scene itself is drawn at shapes.SIZE (32) and shown at 2x
 LATENT_SCALE = 0.18215  # SD1.5's latent_format: the UNet sees latent * this
 ENC_GAIN = 1.0 / LATENT_SCALE  # so the UNet sees cell values in about [-1, 1]
+DECODER_LR = 2e-3
+# The layer whose output the UNet reads as the prompt (Collect Activations' pattern): SD1 takes CLIP-L's
+# last layer through its final LayerNorm, so the normalization layers include it.
+HANDED_ON = r"clip_l\..*final_layer_norm$"
 
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
         "num_hidden_layers": 3, "projection_dim": 64}
@@ -116,6 +120,25 @@ def parts(model, clip, vae) -> dict[str, torch.nn.Module]:
             "vae": vae.first_stage_model}
 
 
+def text_encoders(clip) -> list[torch.nn.Module]:
+    return [clip.cond_stage_model.clip_l]
+
+
+def token_tables(clip) -> list[torch.Tensor]:
+    return [e.transformer.text_model.embeddings.token_embedding.weight for e in text_encoders(clip)]
+
+
+def decoder_parameters(vae) -> list[torch.nn.Parameter]:
+    ae = vae.first_stage_model
+    return list(ae.decoder.parameters()) + list(ae.post_quant_conv.parameters())
+
+
+def condition(model, clip, captions, tokens, rng) -> dict[str, torch.Tensor]:
+    """The UNet's inputs beside the noise for a batch of captions: CLIP-L's last layer.
+    tokens(caption) -> the tokenizer's output."""
+    return {"context": clip.cond_stage_model.clip_l([[t for t, _ in tokens(c)["l"][0]] for c in captions])[0]}
+
+
 def save(path: str | os.PathLike, model, clip, vae, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
     sd = {}
@@ -123,6 +146,21 @@ def save(path: str | os.PathLike, model, clip, vae, metadata: dict | None = None
         for k, v in module.state_dict().items():
             sd[f"{prefix}.{k}"] = v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
     save_file(sd, str(path), metadata=metadata or {})
+
+
+def config(unet: dict | None = None) -> dict:
+    """What a weights file records of the model's shape (its `config` metadata)."""
+    return {"unet": {**UNET, **(unet or {})}, "text": TEXT, "vae": VAE}
+
+
+def load_into(path: str | os.PathLike, model, clip, vae, only: str | None = None) -> None:
+    """Copy a file's weights (every part, or `only` one of unet/text/vae) into built modules."""
+    from safetensors.torch import load_file
+    sd = load_file(str(path))
+    for prefix, module in parts(model, clip, vae).items():
+        if only in (None, prefix):
+            module.load_state_dict({k[len(prefix) + 1:]: v.float() for k, v in sd.items()
+                                    if k.startswith(prefix + ".")}, strict=False)
 
 
 def load(path: str | os.PathLike = WEIGHTS):

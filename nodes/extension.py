@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes_apply import ApplyTransportMaps
-from .nodes_demo import LoadShapesDemoModel
+from .nodes_demo import LoadShapesDemoModel, register_shapes_sdxl
 from .nodes_files import LoadTransportMaps, SaveTransportMaps, register_folder
 from .nodes_learn import CollectActivations, FitTransportMaps
 from .nodes_prompts import ConceptPrompts, StylePrompts
@@ -20,4 +20,5 @@ class ActivationTransportExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> ActivationTransportExtension:
     register_folder()
+    register_shapes_sdxl()
     return ActivationTransportExtension()

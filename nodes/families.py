@@ -161,14 +161,16 @@ def _sd2_resolution(model) -> int:
     return 768 if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else 512
 
 
-def _sd1_resolution(model) -> int:
-    # A model may say its own size: the shapes demo model draws 64 px pictures.
-    return getattr(model.model.model_config, "native_resolution", 512)
+def _own_resolution(default: int) -> Callable:
+    # A model may say its own size: the shapes demo models draw 64 px pictures.
+    def size(model) -> int:
+        return getattr(model.model.model_config, "native_resolution", default)
+    return size
 
 
 FAMILIES: tuple[Family, ...] = (
     # Subclasses first: SDXL and SD2 variants share bases with the others.
-    Family("SDXL", ("SDXL",), (CLIP_L, CLIP_G), 1024, _sdxl_extras, pooled_from="clip_g",
+    Family("SDXL", ("SDXL",), (CLIP_L, CLIP_G), _own_resolution(1024), _sdxl_extras, pooled_from="clip_g",
            # instructpix2pix takes the picture to edit beside the noise (8 input channels).
            excluded=("SDXL_instructpix2pix",),
            variants=("SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B")),  # distilled SDXL UNets
@@ -176,7 +178,7 @@ FAMILIES: tuple[Family, ...] = (
            # unCLIP is conditioned on a CLIP-vision embedding, the x4 upscaler on a low-resolution
            # picture, Lotus (depth/normal estimation) on the picture it reads.
            excluded=("SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler", "LotusD")),
-    Family("SD1.x", ("SD15",), (CLIP_L,), _sd1_resolution, excluded=("SD15_instructpix2pix",)),
+    Family("SD1.x", ("SD15",), (CLIP_L,), _own_resolution(512), excluded=("SD15_instructpix2pix",)),
     Family("SD3", ("SD3",), (CLIP_L, CLIP_G, T5XXL), 1024, _pooled_only, batched_text=False),
     Family("FLUX.1", ("Flux",), (CLIP_L, T5XXL), 1024, _flux_extras,
            excluded=("Flux2", "FluxInpaint"), variants=("FluxSchnell",), batched_text=False),

@@ -17,5 +17,6 @@ def load_pack():
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = module
     spec.loader.exec_module(module)
-    module.nodes.nodes_files.register_folder()
+    module.nodes.nodes_files.register_folder()  # what comfy_entrypoint does
+    module.nodes.nodes_demo.register_shapes_sdxl()
     return module
