@@ -24,6 +24,7 @@ import torch
 
 from . import model as M
 from . import shapes
+from .models import MODELS
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 
@@ -38,14 +39,16 @@ def load_pack():
 class Lab:
     """The shapes model, its scorer and the pack's nodes, ready for a few-line evaluation."""
 
-    def __init__(self, weights: str | Path = M.WEIGHTS, steps: int = 12, cfg: float = 3.0,
-                 sampler: str = "euler", scheduler: str = "normal"):
+    def __init__(self, weights: str | Path | None = None, steps: int = 12, cfg: float = 3.0,
+                 sampler: str = "euler", scheduler: str = "normal", model: str = "sd1"):
+        """model: which shapes model (demo/models.py: sd1, sdxl); weights: another file of that model."""
         M.import_comfy()
         import comfy.utils
         import nodes as comfy_nodes  # ComfyUI's nodes.py
         comfy.utils.PROGRESS_BAR_ENABLED = False  # hundreds of samplings: no console bars
         self.nodes = comfy_nodes
-        self.model, self.clip, self.vae = M.load(weights)
+        self.kind = model
+        self.model, self.clip, self.vae = MODELS[model].load(weights or MODELS[model].WEIGHTS)
         self.pack = load_pack()
         self.steps, self.cfg, self.sampler, self.scheduler = steps, cfg, sampler, scheduler
 
@@ -62,35 +65,43 @@ class Lab:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], seed: int = 0, model=None, clip=None, negative: str = "",
                  conditioning: Callable | None = None, steps: int | None = None,
-                 cfg: float | None = None, batch: bool = False) -> np.ndarray:
+                 cfg: float | None = None, batch: bool = False, pooled_from=None) -> np.ndarray:
         """(N, 64, 64, 3) images, one per prompt; image i uses seed + i.
 
         model/clip: steered copies (from `steer`) or None for the model as trained.
         negative: the negative prompt. conditioning: optional function applied to each positive
-        CONDITIONING before sampling (e.g. to add a conditioning delta).
+        CONDITIONING before sampling (e.g. to add a conditioning delta). pooled_from: a CLIP whose
+        pooled vector of each prompt replaces the one `clip` gives (what moving the tokens alone does).
         """
         model, clip = model or self.model, clip or self.clip
         neg = self.encode(negative, clip)
+
+        def positive(prompt):
+            pos = self.encode(prompt, clip)
+            if pooled_from is not None:
+                pooled = self.encode(prompt, pooled_from)[0][1]["pooled_output"]
+                pos = [[c, dict(extras, pooled_output=pooled)] for c, extras in pos]
+            return conditioning(pos) if conditioning is not None else pos
         if batch:
-            return self._generate_batch(prompts, seed, model, clip, neg, conditioning, steps, cfg)
+            return self._generate_batch(prompts, seed, model, positive, neg, steps, cfg)
         (latent,) = self.nodes.EmptyLatentImage().generate(M.PIXELS, M.PIXELS, 1)
         out = []
         for i, prompt in enumerate(prompts):
-            pos = self.encode(prompt, clip)
-            if conditioning is not None:
-                pos = conditioning(pos)
+            pos = positive(prompt)
             (samples,) = self.nodes.KSampler().sample(model, seed + i, steps or self.steps, cfg or self.cfg,
                                                       self.sampler, self.scheduler, pos, neg, latent)
             (image,) = self.nodes.VAEDecode().decode(self.vae, samples)
             out.append(image[0].float().cpu().numpy())
         return np.stack(out)
 
-    def _generate_batch(self, prompts, seed, model, clip, neg, conditioning, steps, cfg) -> np.ndarray:
-        rows = []
+    def _generate_batch(self, prompts, seed, model, positive, neg, steps, cfg) -> np.ndarray:
+        rows, pooled = [], []
         for prompt in prompts:
-            pos = self.encode(prompt, clip)
-            rows.append((conditioning(pos) if conditioning is not None else pos)[0][0])
-        pos = [[torch.cat(rows), {}]]
+            (cond, extras), = positive(prompt)
+            rows.append(cond)
+            pooled.append(extras.get("pooled_output"))
+        # SDXL's UNet reads each prompt's pooled vector (the SD1 model's ignores it)
+        pos = [[torch.cat(rows), {} if any(p is None for p in pooled) else {"pooled_output": torch.cat(pooled)}]]
         (latent,) = self.nodes.EmptyLatentImage().generate(M.PIXELS, M.PIXELS, len(prompts))
         (samples,) = self.nodes.KSampler().sample(model, seed, steps or self.steps, cfg or self.cfg,
                                                   self.sampler, self.scheduler, pos, neg, latent)
@@ -115,13 +126,15 @@ class Lab:
     # -- steering with the pack's nodes --------------------------------------------------------------
     def fit(self, source: Sequence[str], target: Sequence[str], where: str = "both",
             method: str = "linear", support: str = "method default", estimation: str = "incremental",
-            noise_levels: int = 1, batch_size: int = 64, seed: int = 0, moves: str = "auto (from the pairs)"):
-        """Collect Activations -> Fit Transport Maps on the shapes model; returns the MAPS."""
+            noise_levels: int = 1, batch_size: int = 64, seed: int = 0, moves: str = "auto (from the pairs)",
+            pattern: str = ""):
+        """Collect Activations -> Fit Transport Maps on the shapes model; returns the MAPS.
+        pattern: Collect's custom layer pattern (default: its normalization layers)."""
         learn = self.pack.nodes.nodes_learn
         activations, _ = learn.CollectActivations.execute(
             self.model, self.clip, "\n".join(source), "\n".join(target), where=where,
-            layers="normalization layers", resolution=M.PIXELS, noise_levels=noise_levels,
-            batch_size=batch_size, seed=seed).args
+            layers="custom pattern" if pattern else "normalization layers", resolution=M.PIXELS,
+            noise_levels=noise_levels, batch_size=batch_size, seed=seed, pattern=pattern).args
         return learn.FitTransportMaps.execute(activations, method, support, estimation, moves).args[0]
 
     def steer(self, maps, strength: float = 1.0, mode: str = "exact", start_percent: float = 0.0,
@@ -155,9 +168,18 @@ class Lab:
 
     def conditioning_delta(self, source: Sequence[str], target: Sequence[str], strength: float = 1.0):
         """A baseline without maps: mean over pairs of encode(target) - encode(source), added to a prompt."""
-        delta = torch.stack([self.encode(t)[0][0] - self.encode(s)[0][0]
-                             for s, t in zip(source, target)]).mean(0)
+        pairs = [(self.encode(s)[0], self.encode(t)[0]) for s, t in zip(source, target)]
+        delta = torch.stack([t[0] - s[0] for s, t in pairs]).mean(0)
+        # The pooled vector too, as ConDelta files keep it: SDXL's UNet reads it (the SD1 one ignores it).
+        pooled = (torch.stack([t[1]["pooled_output"] - s[1]["pooled_output"] for s, t in pairs]).mean(0)
+                  if all(x[1].get("pooled_output") is not None for pair in pairs for x in pair) else None)
 
         def add(cond):
-            return [[c + strength * delta.to(c), dict(extra)] for c, extra in cond]
+            out = []
+            for c, extra in cond:
+                extra = dict(extra)
+                if pooled is not None and extra.get("pooled_output") is not None:
+                    extra["pooled_output"] = extra["pooled_output"] + strength * pooled.to(extra["pooled_output"])
+                out.append([c + strength * delta.to(c), extra])
+            return out
         return add
