@@ -74,8 +74,12 @@ def test_comfyui_lists_the_examples_as_templates_numbered_in_the_order_to_try_th
     # The browser shows them in the server's directory order: the numbers say where to start.
     assert [title.split(" - ")[0] for title in make_workflows.SPECS] == [f"ACT {i}" for i in range(len(make_workflows.SPECS))]
     assert "shapes demo" in min(make_workflows.SPECS) and "load saved maps" in sorted(make_workflows.SPECS)[6]
-    # The other families come last.
-    assert sorted(make_workflows.SPECS)[-len(make_workflows.REAL_WEIGHTS):] == sorted(make_workflows.REAL_WEIGHTS)
+    # The other families come after every template for one's own SD checkpoint; the shapes demo models'
+    # templates need nothing and may follow them (ACT 9, shapes-SDXL).
+    order = sorted(make_workflows.SPECS, key=lambda t: int(t.split(" - ")[0].split()[1]))
+    real = [order.index(t) for t in make_workflows.REAL_WEIGHTS]
+    own = [i for i, t in enumerate(order) if t not in make_workflows.REAL_WEIGHTS and "shapes demo" not in t]
+    assert max(own) < min(real), order
 
 
 @pytest.mark.parametrize("title", list(make_workflows.SPECS))
@@ -228,11 +232,11 @@ def test_the_shapes_demo_template_shows_stripes_appear_as_it_ships(server, objec
     assert styles[0.0] != "striped" and styles[1.0] == styles[1.5] == "striped", styles
 
 
-def test_the_shapes_removal_template_removes_the_red_square_and_keeps_the_circle_as_it_ships(server, object_info):
+def check_shapes_removal_template(server, object_info, words: str, negative_prefix: str) -> None:
     """At strength 0 the model draws the large red square and the small blue circle; from 0.5 the red
     square is gone and the circle stays, as the scorer reads the pixels. The picture beside it (no maps,
     the concept as negative prompt) still has the red square, as its note says."""
-    prompt, entry, found, read = run_shapes_template(server, object_info, "remove a concept in seconds")
+    prompt, entry, found, read = run_shapes_template(server, object_info, words)
 
     def objects(reading: dict) -> list[tuple]:
         return sorted((o["size"], o["colour"], o["shape"]) for o in reading["objects"])
@@ -241,6 +245,16 @@ def test_the_shapes_removal_template_removes_the_red_square_and_keeps_the_circle
     assert drawn[0.0] == sorted([square, circle]), drawn
     assert all(drawn[s] == [circle] for s in drawn if s >= 0.5), drawn
     (baseline_id,) = [i for i, node in prompt.items() if node["class_type"] == "SaveImage"
-                      and node["inputs"]["filename_prefix"] == "act_shapes_negative_prompt"]
+                      and node["inputs"]["filename_prefix"] == negative_prefix]
     (baseline,) = entry["outputs"][baseline_id]["images"]
     assert square in objects(read(baseline))
+
+
+def test_the_shapes_removal_template_removes_the_red_square_and_keeps_the_circle_as_it_ships(server, object_info):
+    check_shapes_removal_template(server, object_info, "remove a concept in seconds", "act_shapes_negative_prompt")
+
+
+def test_the_shapes_sdxl_template_removes_the_red_square_through_the_stock_sdxl_nodes(server, object_info):
+    """ACT 9: shapes-SDXL read by the stock Load Checkpoint, prompts encoded by CLIPTextEncodeSDXL, Fit's
+    'moves' at its default (auto): the same dial as ACT 1."""
+    check_shapes_removal_template(server, object_info, "on an SDXL model", "act_shapes_sdxl_negative_prompt")

@@ -93,7 +93,7 @@ def _apply(strength, col: int = 2, row: int = 0) -> dict:
     return {"apply": {"type": "ACTApplyTransportMaps", "col": col, "row": row, "widgets": widgets, "links": links}}
 
 
-def _shapes_dial(prompt: str, save_prefix: str, drop: int = 0) -> dict:
+def _shapes_dial(prompt: str, save_prefix: str, drop: int = 0, vae=("ckpt", 2), sdxl: bool = False) -> dict:
     """The shapes templates' dial: Strength Sweep into Apply (maps from "fit"), the prompt sampled at
     each strength, scaled 4x and laid out as a labelled grid. drop: the grid's column starts that much
     lower, where a graph tall enough to fill the window's height would put it under ComfyUI's Run and
@@ -103,15 +103,17 @@ def _shapes_dial(prompt: str, save_prefix: str, drop: int = 0) -> dict:
         "sweep": {"type": "ACTStrengthSweep", "col": 2, "row": 0, "widgets": {"strengths": "0, 0.5, 1, 1.5"}},
         "apply": {"type": "ACTApplyTransportMaps", "col": 2, "row": 1,
                   "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "maps": ["fit", 0], "strength": ["sweep", 0]}},
-        "pos": {"type": "CLIPTextEncode", "col": 3, "row": 0, "widgets": {"text": prompt}, "links": {"clip": clip}},
+        "pos": _sdxl_encode(prompt, clip) if sdxl else
+               {"type": "CLIPTextEncode", "col": 3, "row": 0, "widgets": {"text": prompt}, "links": {"clip": clip}},
         "neg": {"type": "CLIPTextEncode", "col": 3, "row": 1, "widgets": {"text": ""}, "links": {"clip": clip}},
-        "latent": {"type": "EmptyLatentImage", "col": 3, "row": 2,
+        # Beside Apply on SDXL, whose text encode node makes the prompts' column the tallest.
+        "latent": {"type": "EmptyLatentImage", "col": 2 if sdxl else 3, "row": 3 if sdxl else 2,
                    "widgets": {"width": SHAPES_PIXELS, "height": SHAPES_PIXELS, "batch_size": 1}},
         "sampler": {"type": "KSampler", "col": 4, "row": 0,
-                    "widgets": {"seed": 3, **SHAPES_SAMPLER, "denoise": 1.0},
+                    "widgets": {"seed": SHAPES_SDXL_SEED if sdxl else 3, **SHAPES_SAMPLER, "denoise": 1.0},
                     "links": {"model": model, "positive": ["pos", 0], "negative": ["neg", 0],
                               "latent_image": ["latent", 0]}},
-        "decode": {"type": "VAEDecode", "col": 4, "row": 1, "links": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
+        "decode": {"type": "VAEDecode", "col": 4, "row": 1, "links": {"samples": ["sampler", 0], "vae": list(vae)}},
         "scale": {"type": "ImageScale", "col": 4, "row": 2, "links": {"image": ["decode", 0]},
                   "widgets": {"upscale_method": "nearest-exact", "width": 4 * SHAPES_PIXELS,
                               "height": 4 * SHAPES_PIXELS, "crop": "disabled"}},
@@ -120,6 +122,12 @@ def _shapes_dial(prompt: str, save_prefix: str, drop: int = 0) -> dict:
         "savegrid": {"type": "SaveImage", "col": 5, "row": 1, "widgets": {"filename_prefix": save_prefix},
                      "links": {"images": ["grid", 0]}},
     }
+
+
+def _sdxl_encode(prompt: str, clip) -> dict:
+    """SDXL's own text encode node: both encoders read the prompt, the size numbers at their defaults."""
+    return {"type": "CLIPTextEncodeSDXL", "col": 3, "row": 0, "widgets": {"text_g": prompt, "text_l": prompt},
+            "links": {"clip": clip}}
 
 
 def _shapes_demo() -> dict:
@@ -138,38 +146,47 @@ def _shapes_demo() -> dict:
     } | _shapes_dial("a large yellow circle and a small blue triangle", "act_shapes_demo")
 
 
-def _shapes_removal() -> dict:
+def _shapes_removal(sdxl: bool = False) -> dict:
     """Removal a newcomer sees in seconds: Concept Prompts puts 'a large red square' into 32 shapes
     captions in its twelve ways; the concept's words only remove it along the dial, and beside the
-    grid the untouched model with the concept as its negative prompt draws what a user would try first."""
+    grid the untouched model with the concept as its negative prompt draws what a user would try first.
+    sdxl: shapes-SDXL through ComfyUI's stock SDXL nodes (Load Checkpoint, CLIPTextEncodeSDXL), and
+    Fit's 'moves' left at its default, auto."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from demo.tasks import CONCEPT_PROMPTS_CONCEPT, TASKS
     captions = TASKS["concept_prompts_red"].captions(SHAPES_PROMPT_COUNT)
     prompt = REMOVAL_PROMPT
+    loader = ({"type": "CheckpointLoaderSimple", "col": 0, "row": 0, "widgets": {"ckpt_name": SHAPES_SDXL_CHECKPOINT}}
+              if sdxl else {"type": "ACTLoadShapesDemoModel", "col": 0, "row": 0})
+    # The plain encode for the picture without maps: a second CLIPTextEncodeSDXL (ten widgets) would make
+    # the column too tall to read once the graph fits the window.
+    base = {"type": "CLIPTextEncode", "col": 3, "row": 3, "title": "Prompt (no maps)",
+            "widgets": {"text": prompt}, "links": {"clip": ["ckpt", 1]}}
     return {
-        "ckpt": {"type": "ACTLoadShapesDemoModel", "col": 0, "row": 0},
+        "ckpt": loader,
         "prompts": {"type": "ACTConceptPrompts", "col": 0, "row": 1,
                     "widgets": {"concept": CONCEPT_PROMPTS_CONCEPT, "direction": "remove",
                                 "count": SHAPES_PROMPT_COUNT, "captions": "\n".join(captions)}},
         "collect": {"type": "ACTCollectActivations", "col": 1, "row": 0, "widgets": {**COLLECT, "batch_size": 64},
                     "links": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "source_prompts": ["prompts", 0],
                               "target_prompts": ["prompts", 1]}},
-        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1, "widgets": {"moves": "the concept's words only"},
+        "fit": {"type": "ACTFitTransportMaps", "col": 1, "row": 1,
+                "widgets": {} if sdxl else {"moves": "the concept's words only"},
                 "links": {"activations": ["collect", 0]}},
-    } | _shapes_dial(prompt, "act_shapes_removal", drop=200) | {
+    } | _shapes_dial(prompt, "act_shapes_sdxl_removal" if sdxl else "act_shapes_removal", drop=200, sdxl=sdxl) | {
         # What a user would try instead: the same prompt and seed, no maps, the concept as negative prompt.
-        "basepos": {"type": "CLIPTextEncode", "col": 3, "row": 3, "title": "Prompt (no maps)",
-                    "widgets": {"text": prompt}, "links": {"clip": ["ckpt", 1]}},
+        "basepos": base,
         "baseneg": {"type": "CLIPTextEncode", "col": 3, "row": 4, "title": "Negative prompt: the concept",
                     "widgets": {"text": CONCEPT_PROMPTS_CONCEPT}, "links": {"clip": ["ckpt", 1]}},
         "basesampler": {"type": "KSampler", "col": 4, "row": 3, "title": "KSampler (negative prompt only)",
-                        "widgets": {"seed": 3, **SHAPES_SAMPLER, "denoise": 1.0},
+                        "widgets": {"seed": SHAPES_SDXL_SEED if sdxl else 3, **SHAPES_SAMPLER, "denoise": 1.0},
                         "links": {"model": ["ckpt", 0], "positive": ["basepos", 0], "negative": ["baseneg", 0],
                                   "latent_image": ["latent", 0]}},
         "basedecode": {"type": "VAEDecode", "col": 4, "row": 4,
                        "links": {"samples": ["basesampler", 0], "vae": ["ckpt", 2]}},
         "basesave": {"type": "SaveImage", "col": 2, "row": 2, "title": "Negative prompt instead (no maps)",
-                     "widgets": {"filename_prefix": "act_shapes_negative_prompt"}, "links": {"images": ["basedecode", 0]}},
+                     "widgets": {"filename_prefix": "act_shapes_sdxl_negative_prompt" if sdxl else
+                                 "act_shapes_negative_prompt"}, "links": {"images": ["basedecode", 0]}},
     }
 
 
@@ -178,6 +195,11 @@ SHAPES_PIXELS = 64
 SHAPES_SAMPLER = {"steps": 12, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal"}
 SHAPES_PROMPT_COUNT = 32
 REMOVAL_PROMPT = "a large red square and a small blue circle"
+SHAPES_SDXL_CHECKPOINT = "shapes-sdxl-tiny.safetensors"  # demo/checkpoints, listed by the stock loader
+# shapes-SDXL draws the removal prompt as written for 18 of seeds 0-23 (seed 3, the SD1 template's, adds a
+# second circle). Seed 2 is the first whose steered pictures show the circle alone: at 0.5, seeds 0 and 1
+# draw it twice (the prompt without the square reads "a small blue circle", and the model adds one).
+SHAPES_SDXL_SEED = 2
 
 # Numbered in the order people should meet them (the template browser lists them in directory order,
 # which a pack cannot choose). The note sits in the first column, where reading starts; the last column
@@ -190,7 +212,8 @@ SPECS = {
                    "no background against the same prompts 'on a striped background'; the grid shows the "
                    "dial: 0 = the model as it is, 1 = stripes. Runs in seconds, even on a CPU.\n\nChange the "
                    "prompt on the top text box (colours: red, green, blue, yellow, purple, orange; shapes: "
-                   "circle, square, triangle, cross; small or large; 1 to 3 objects) or the strengths. The "
+                   "circle, square, triangle, cross; small or large; 1 to 3 objects) or the strengths. "
+                   "'model' on the loader picks the SD1.x model or shapes-SDXL, built like SDXL. The "
                    "other templates do the same on real checkpoints.", 0, 1)],
     },
     "ACT 1 - remove a concept in seconds (shapes demo model)": {
@@ -356,6 +379,17 @@ SPECS[ZIMAGE_TITLE] = {
                "models/vae. Learns a style in the transformer and in Qwen3-4B, then dials it with 'strength'. "
                "Turbo: 9 steps, cfg 1, res_multistep; ModelSamplingAuraFlow shift 3 goes after Apply."
                "\n\nSmaller GPU: batch_size 1 or 2 on Collect Activations (same maps).", 0, 3)],
+}
+SHAPES_SDXL_TITLE = "ACT 9 - remove a concept on an SDXL model in seconds (shapes demo model, SDXL)"
+SPECS[SHAPES_SDXL_TITLE] = {
+    "nodes": _shapes_removal(sdxl=True),
+    "notes": [("ACT 1 on shapes-SDXL, a tiny model built like SDXL (CLIP-L and CLIP-G, a pooled vector, SDXL's "
+               "UNet blocks) that ships with the pack and knows the same shapes. It goes through ComfyUI's stock "
+               "SDXL nodes: Load Checkpoint reads shapes-sdxl-tiny.safetensors, CLIPTextEncodeSDXL encodes "
+               "the steered prompt. Fit's 'moves' is left at auto, which picks the concept's words for these pairs. The "
+               "grid shows the dial: 0 = the model as it is, 1 = the red square gone, the blue circle kept.\n\n"
+               "Below Apply: the same prompt and seed with no maps and the concept as negative prompt. Runs in "
+               "seconds, even on a CPU.", 0, 2)],
 }
 # The templates that need a family's real weights, with the files each one's loaders name: CI checks them
 # up to those files.
