@@ -1,7 +1,9 @@
-"""The trained shapes model (demo/): it follows prompts, its scorer reads pictures, steering works.
+"""The trained shapes models (demo/): they follow prompts, the scorer reads pictures, steering works.
 
 Pictures come from ComfyUI's real CLIPTextEncode -> KSampler -> VAEDecode; maps from this pack's
 Collect Activations, Fit Transport Maps and Apply Transport Maps nodes. 32 held-out prompts per point.
+Every test that takes `lab` runs on both shapes models: the SD1 one (one 3-layer CLIP-L) and
+shapes-SDXL (CLIP-L and CLIP-G, 8 and 10 layers, a pooled vector in the UNet's ADM input).
 """
 from __future__ import annotations
 
@@ -15,14 +17,26 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from demo import model as M, shapes, train  # noqa: E402
 from demo.api import Lab  # noqa: E402
+from demo.models import MODELS  # noqa: E402
 from demo.tasks import TASKS  # noqa: E402
 
 N = 32
 
 
-@pytest.fixture(scope="module")
-def lab(pack):
-    return Lab()
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def lab(pack, request):
+    return Lab(model=request.param)
+
+
+# Goals shapes-SDXL misses where the SD1 model meets them, measured on the tests' own prompts and seeds.
+STYLE_SDXL = ("the defaults (every token alike) at strength 1 on 32 prompts: striped in 97% of the pictures, but "
+              "the prompted objects kept in none (bench/results/semantics-arena-sdxl-64.txt)")
+
+
+def falls_short_on(request, lab, figures: dict[str, str]) -> None:
+    """A goal one shapes model misses: a strict xfail on that model, with its measured figure."""
+    if lab.kind in figures:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"shapes-{lab.kind}: {figures[lab.kind]}"))
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +64,26 @@ def test_scorer_sees_a_wrong_picture_as_wrong():
     assert not shapes.content_matches(found, scene) and found["background"] == "striped"
 
 
-def test_training_script_is_deterministic():
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_training_script_is_deterministic(kind):
     def digest(seed):
-        m, c, v = train.train(steps=2, decoder_steps=2, seed=seed, batch_size=4, log=lambda s: None)
-        return train.weights_digest(m, c, v)
+        m, c, v = train.train(steps=2, decoder_steps=2, seed=seed, batch_size=4, log=lambda s: None,
+                              decoder_batch=2, kind=MODELS[kind])
+        return train.weights_digest(m, c, v, MODELS[kind])
     first = digest(0)
     assert digest(0) == first
     assert digest(1) != first
 
 
-def test_the_decoder_draws_what_a_latent_says():
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_the_decoder_draws_what_a_latent_says(pack, kind):
     """The committed VAE turns the latent of a held-out scene back into a picture the scorer reads as
     that scene: shapes, colours, sizes, count and background (what prompt following is measured on)."""
     import torch
     from demo.tasks import follow_rates
-    _, _, vae = M.load()
+    _, _, vae = MODELS[kind].load()
     scenes = shapes.held_out_scenes(64, seed=31)
-    latents = torch.from_numpy(np.stack([M.encode_scene(s) for s in scenes]))
+    latents = torch.from_numpy(np.stack([MODELS[kind].encode_scene(s) for s in scenes]))
     with torch.no_grad():
         pictures = ((vae.first_stage_model.decode(latents).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
     rates = follow_rates([shapes.score(M.to_scene(p)) for p in pictures], scenes)
@@ -107,7 +124,9 @@ def test_the_demo_loader_node_prints_no_warning_and_gives_the_shipped_weights(pa
                 assert torch.equal(value.float(), shipped[f"{prefix}.{name}"].float()), f"{prefix}.{name}"
 
 
-def test_model_follows_held_out_prompts(style_untouched):
+def test_model_follows_held_out_prompts(lab, style_untouched, request):
+    falls_short_on(request, lab, {"sdxl": "shapes as prompted in 81% of these 32 pictures (goal 85%); on the arena's "
+                                          "64: 86%, the SD1 model 98% (docs/shapes-benchmark.md)"})
     scenes, found = style_untouched
     assert np.mean([f["background"] == "plain" for f in found]) >= 0.9  # no background named: plain
     assert np.mean([f["count"] == len(s["objects"]) for f, s in zip(found, scenes)]) >= 0.85
@@ -117,7 +136,8 @@ def test_model_follows_held_out_prompts(style_untouched):
         assert rate >= 0.85, f"{key}s as prompted in {rate:.0%} of pictures"
 
 
-def test_style_appears_with_strength_and_the_prompt_survives(lab, style_untouched):
+def test_style_appears_with_strength_and_the_prompt_survives(lab, style_untouched, request):
+    falls_short_on(request, lab, {"sdxl": STYLE_SDXL})
     task = TASKS["style"]
     scenes, found0 = style_untouched
     presence0, _ = task.measure(found0, scenes)
@@ -291,16 +311,16 @@ def test_concept_words_remove_crosses_to_the_goal_and_leave_prompts_without_cros
 
 @pytest.mark.parametrize("task_name", [
     pytest.param("drop_red", marks=pytest.mark.xfail(strict=True, reason=(
-        "fitted on pairs that drop the red object, at strength 1 on 32 prompts: 0% red left, the other objects "
-        "kept in 88% (48 prompts at 0.5: 2% / 92%, where the goal is met)"))),
+        "fitted on pairs that drop the red object, at strength 1 on 32 prompts: SD1 0% red left, the other objects "
+        "kept in 88% (48 prompts at 0.5: 2% / 92%, where the goal is met); shapes-SDXL 0% / 72%"))),
     pytest.param("append_red", marks=pytest.mark.xfail(strict=True, reason=(
-        "fitted on 'captions and the concept' with the concept last, at strength 1 on 32 prompts: 0% red left but "
-        "the other objects kept in 72% (48 prompts at 0.5: 4% / 81%); a concept named first leaves its "
-        "joining word behind"))),
+        "fitted on 'captions and the concept' with the concept last, at strength 1 on 32 prompts: SD1 0% red left "
+        "but the other objects kept in 72% (48 prompts at 0.5: 4% / 81%), a concept named first leaves its "
+        "joining word behind; shapes-SDXL 44% / 72%"))),
     pytest.param("concept_prompts_red", marks=pytest.mark.xfail(strict=True, reason=(
-        "fitted on Concept Prompts 'remove' (twelve phrasings), at strength 1 on 32 prompts: 16% red left, 62% "
-        "kept (48 prompts at 1.5: 6% / 54%); the learned runs hold the phrasings' words, not the shapes "
-        "captions'"))),
+        "fitted on Concept Prompts 'remove' (twelve phrasings), at strength 1 on 32 prompts: SD1 16% red left, 62% "
+        "kept (48 prompts at 1.5: 6% / 54%), the learned runs hold the phrasings' words, not the shapes "
+        "captions'; shapes-SDXL 3% / 47%"))),
 ])
 def test_concept_words_remove_a_red_object_named_anywhere_with_the_pairs_users_write(lab, task_name):
     """Goal: fitted on pairs that add or drop words (a red object dropped wherever it was; the concept
@@ -313,12 +333,13 @@ def test_concept_words_remove_a_red_object_named_anywhere_with_the_pairs_users_w
     assert left <= 0.10 and kept >= 0.90, (left, kept)
 
 
-def test_concept_words_remove_the_concept_from_a_prompt_of_two_chunks(lab):
+def test_concept_words_remove_the_concept_from_a_prompt_of_two_chunks(lab, request):
     """A long prompt (past CLIP's 75 words: two chunks) that names the red object again and again, as
     prompts that repeat themselves do: fitted on pairs that drop it, strength 1 leaves <= 10% red with the
     other objects of the strength-0 picture kept in >= 80% (the one-chunk goal of the recolouring pairs).
     The gate alone found only the first namings (44% red left): a causal encoder reads a repeated naming
     differently, so once a word is found, its other occurrences go too."""
+    falls_short_on(request, lab, {"sdxl": "0% red left, the other objects kept in 75% (goal 80%)"})
     task, source, target, scenes, _ = _removal(lab, "drop_red")
 
     def two_chunks(prompt: str) -> str:
